@@ -1,0 +1,54 @@
+"""The contract every fine-tuning method fulfils: a config model plus three free functions.
+
+A method acts on a loaded HF model in place. `apply` freezes the base and injects trainable modules,
+`save` writes the method's final artifacts (adapter files, or a full HF model), `load` restores them
+onto a model on which `apply` has already run. The training loop only sees parameters with
+`requires_grad=True`; it never needs to know which method made them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+
+class StrictModel(BaseModel):
+    """Base for every config section: unknown keys are errors, fields are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MethodConfigBase(StrictModel):
+    name: str
+
+
+@dataclass
+class MethodContext:
+    """What a method may need beyond its own config: the task kind, tokenizer and base model name."""
+
+    task: str = "causal-lm"
+    tokenizer: Any = None
+    base_model_name: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+ApplyFn = Callable[[nn.Module, Any, MethodContext], None]
+SaveFn = Callable[[nn.Module, Any, Path, MethodContext], None]
+LoadFn = Callable[[nn.Module, Any, Path, MethodContext], None]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    config: type[MethodConfigBase]
+    apply: ApplyFn
+    save: SaveFn
+    load: LoadFn
+    # True when `save` writes a whole HF model: a run is then reloaded from final/ directly.
+    saves_full_model: bool = False
+    help: str = ""

@@ -1,0 +1,26 @@
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    """../shared (real data and models); tests that need it skip cleanly on a fresh clone."""
+    if not (SHARED / "data").is_dir():
+        pytest.skip("../shared/data is not present")
+    return SHARED
+
+
+TINY_FAMILIES = [("tiny-llama", "causal-lm"), ("tiny-gpt2", "causal-lm"), ("tiny-bert", "seq-cls"), ("tiny-t5", "seq2seq")]
