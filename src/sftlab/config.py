@@ -1,0 +1,234 @@
+"""Run configuration: pydantic models, YAML loading, dotted `key=value` overrides, friendly errors."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
+
+from .methods import get_method, method_names
+from .methods._base import MethodConfigBase, StrictModel
+
+
+class ConfigError(ValueError):
+    """A config problem, already phrased for the user (key, bad value, allowed values)."""
+
+
+class ModelConfig(StrictModel):
+    name: str = Field(..., description="HF id | local dir | path/to/file.gguf | tiny-llama | tiny-gpt2 | tiny-bert | tiny-t5")
+    task: Literal["causal-lm", "seq-cls", "seq2seq"] = Field("causal-lm", description="What the model is trained to do.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype; float32 on CPU.")
+    trust_remote_code: bool = Field(False, description="Run model code from the model repo. Off unless you trust it.")
+    attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel.")
+
+
+class DataConfig(StrictModel):
+    train: str = Field(..., description="json, jsonl, csv, tsv, parquet or txt file, or a directory of them.")
+    eval: str | None = Field(None, description="Held-out file; or use eval_fraction.")
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Split this share of train off for eval.")
+    format: Literal["text", "alpaca", "messages", "sharegpt", "classification", "seq2seq"] = Field(
+        "alpaca", description="Record layout."
+    )
+    max_length: int = Field(512, gt=0, description="Truncate examples to this many tokens (counted and reported).")
+    template: str = Field("auto", description="Chat template: auto (the tokenizer's own, else chatml) | chatml | plain.")
+    system_prompt: str | None = Field(None, description="System message added to chat formats when a record has none.")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Rename record fields, e.g. {text: sentence, label: label} or {instruction: prompt}.",
+    )
+    label_names: list[str] | None = Field(None, description="Classification label order; default: sorted labels seen.")
+    train_on_prompt: bool = Field(False, description="Also supervise prompt tokens (default: responses only).")
+    limit: int | None = Field(None, gt=0, description="Use only the first N records of each file (quick tries).")
+
+
+class TrainConfig(StrictModel):
+    output_dir: str = Field("runs/demo", description="Run directory.")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; or epochs.")
+    epochs: float | None = Field(None, gt=0, description="Passes over the training data (used when max_steps is unset).")
+    batch_size: int = Field(8, gt=0, description="Examples per micro-batch.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    lr: float = Field(2.0e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to biases and norms).")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR schedule after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    max_grad_norm: float | None = Field(1.0, description="Clip gradients to this norm; null disables.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    eval_every: int | None = Field(None, gt=0, description="Evaluate every N steps (and at the end).")
+    save_every: int | None = Field(None, gt=0, description="Checkpoint every N steps.")
+    keep_last: int = Field(2, gt=0, description="Keep this many checkpoints.")
+    early_stopping_patience: int | None = Field(None, gt=0, description="Stop after N evals without improvement.")
+    log_every: int = Field(1, gt=0, description="Log a metrics row every N steps.")
+    eval_batch_size: int | None = Field(None, gt=0, description="Default: batch_size.")
+    seed: int = Field(0, description="Seed for init, data order and dropout.")
+    group_by_length: bool = Field(True, description="Length-bucketed batches (less padding).")
+    loss_chunk_size: int = Field(1024, gt=0, description="Supervised positions per LM-head chunk.")
+    threads: int | None = Field(None, gt=0, description="torch threads; default: physical cores.")
+    progress: bool = Field(True, description="Show a progress bar.")
+
+    @model_validator(mode="after")
+    def _length(self):
+        if self.max_steps is None and self.epochs is None:
+            self.__dict__["epochs"] = 1.0
+        return self
+
+
+class RunConfig(StrictModel):
+    model: ModelConfig
+    method: SerializeAsAny[MethodConfigBase] = Field(default_factory=lambda: get_method("full").config())
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _dispatch_method(cls, v: Any) -> Any:
+        if isinstance(v, MethodConfigBase):
+            return v
+        if v is None:
+            v = {"name": "full"}
+        if not isinstance(v, dict) or "name" not in v:
+            raise ValueError(f"method must be a mapping with a 'name' ({', '.join(method_names())})")
+        name = v["name"]
+        if name not in method_names():
+            hint = _suggest(str(name), method_names())
+            raise ValueError(f"method.name: {name!r} is not one of {', '.join(method_names())}{hint}")
+        spec = get_method(name)
+        try:
+            return spec.config(**v)
+        except ValidationError as e:
+            raise ValueError("\n  ".join(_error_lines(e, prefix="method", model=spec.config))) from None
+
+
+def _suggest(word: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _model_at(model: type[StrictModel] | None, loc: tuple) -> type[StrictModel] | None:
+    for part in loc:
+        if model is None:
+            return None
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, StrictModel) else None
+    return model
+
+
+def _format_errors(err: ValidationError) -> str:
+    return "invalid config:\n  " + "\n  ".join(_error_lines(err))
+
+
+def _error_lines(err: ValidationError, prefix: str = "", model: type[StrictModel] | None = None) -> list[str]:
+    model = model or RunConfig
+    lines = []
+    for e in err.errors():
+        loc = tuple(str(p) for p in e["loc"])
+        key = ".".join(((prefix,) if prefix else ()) + loc)
+        if e["type"] == "extra_forbidden":
+            parent = _model_at(model, loc[:-1])
+            options = list(parent.model_fields) if parent else []
+            lines.append(f"{key}: unknown key{_suggest(loc[-1], options)}; allowed: {', '.join(options)}")
+            continue
+        msg = e["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        if e["type"] == "literal_error":
+            allowed = e.get("ctx", {}).get("expected", "")
+            lines.append(f"{key}: {e.get('input')!r} is not allowed; expected {allowed}")
+        elif e["type"] == "missing":
+            lines.append(f"{key}: required key is missing")
+        elif msg.startswith("method") and ":" in msg.split(" ")[0]:
+            lines.append(msg)  # already phrased by the method dispatcher
+        else:
+            lines.append(f"{key}: {msg} (got {e.get('input')!r})")
+    return lines
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`a.b=value` pairs, each value parsed as YAML, merged into one nested dict."""
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. train.lr=1e-4)")
+        key, _, raw = item.partition("=")
+        value = yaml.safe_load(raw) if raw != "" else None
+        if isinstance(value, str):
+            value = _yaml_float(value)
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {p} is not a section")
+        node[parts[-1]] = value
+    return out
+
+
+def _yaml_float(s: str) -> Any:
+    """YAML 1.1 reads '1e-4' as a string; users mean a number."""
+    try:
+        return float(s) if any(c in s for c in "eE.") and s.strip()[0] in "0123456789-+." else s
+    except ValueError:
+        return s
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _floats(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _floats(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_floats(v) for v in node]
+    return _yaml_float(node) if isinstance(node, str) else node
+
+
+def build_config(raw: dict, source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(_floats(raw))
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {_format_errors(e)}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load YAML (optional), apply dotted overrides, validate. Relative data paths resolve against the YAML's folder
+    only when they do not exist relative to the working directory."""
+    raw: dict = {}
+    source = "overrides"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: top level must be a mapping with model/method/data/train")
+        source = str(p)
+        data = raw.get("data") or {}
+        for k in ("train", "eval"):
+            v = data.get(k)
+            if isinstance(v, str) and not Path(v).exists() and (p.parent / v).exists():
+                data[k] = str(p.parent / v)
+    raw = deep_merge(raw, parse_overrides(overrides or []))
+    return build_config(raw, source)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    path.write_text(dump_config(cfg))
