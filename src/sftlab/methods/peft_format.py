@@ -1,0 +1,39 @@
+"""Read and write PEFT adapter directories: adapter_config.json + adapter_model.safetensors.
+
+Key names follow PEFT's saved layout ("base_model.model.<module path>.lora_A.weight", "prompt_embeddings", ...);
+each method maps its own tensors to and from these names.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def write_adapter(out_dir: str | Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(out / WEIGHTS_NAME))
+
+
+def read_adapter(in_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    d = Path(in_dir)
+    cfg_path, w_path = d / CONFIG_NAME, d / WEIGHTS_NAME
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path}: no adapter config here")
+    if not w_path.is_file():
+        if (d / "adapter_model.bin").is_file():
+            raise ValueError(f"{d}: only a pickled adapter_model.bin is present; sftlab loads safetensors only")
+        raise FileNotFoundError(f"{w_path}: no adapter weights here")
+    return json.loads(cfg_path.read_text()), load_file(str(w_path))
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path) / CONFIG_NAME).is_file()
