@@ -81,3 +81,13 @@ def compute_loss(model: nn.Module, batch: dict, task: str, chunk_size: int = DEF
     if task == "seq-cls":
         return seq_cls_loss(model, batch)
     raise ValueError(f"unknown task {task!r}")
+
+
+def count_supervised(batch: dict, task: str) -> int:
+    """Supervised targets in a micro-batch, known before any forward (for per-token normalisation)."""
+    labels = batch["labels"]
+    if task == "causal-lm":
+        return int((labels[:, 1:] != IGNORE).sum())
+    if task == "seq2seq":
+        return int((labels != IGNORE).sum())
+    return int(labels.numel())

@@ -1,0 +1,73 @@
+"""The run directory: its layout, the atomic `final/` write, and reloading a trained run for use.
+
+    run_dir/config.yaml      resolved config
+    run_dir/metrics.jsonl    one row per logged step / eval
+    run_dir/loss.png         train and eval loss vs step
+    run_dir/checkpoints/step-N/
+    run_dir/final/           adapter (PEFT layout where PEFT has the method) or full HF model, plus tokenizer
+    run_dir/final/sftlab.json  method, task, base model, label names
+    run_dir/summary.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from torch import nn
+
+from .config import RunConfig, load_config
+from .methods import MethodContext, get_method
+from .models import load_model
+
+RUN_INFO = "sftlab.json"
+
+
+def save_final(model: nn.Module, tokenizer, cfg: RunConfig, run_dir: Path, label_names: list[str] | None) -> Path:
+    """Write final/ into a temp dir and rename, so a crash never leaves a half-written final model."""
+    final, tmp = run_dir / "final", run_dir / ".final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    spec = get_method(cfg.method.name)
+    ctx = MethodContext(task=cfg.model.task, tokenizer=tokenizer, base_model_name=cfg.model.name)
+    spec.save(model, cfg.method, tmp, ctx)
+    tokenizer.save_pretrained(tmp)
+    info = {"method": cfg.method.name, "task": cfg.model.task, "base_model": cfg.model.name, "label_names": label_names}
+    (tmp / RUN_INFO).write_text(json.dumps(info, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def load_run(run_dir: str | Path, which: str = "final") -> tuple[nn.Module, object, RunConfig]:
+    """(model, tokenizer, config) of a trained run, ready for eval or generation."""
+    run = Path(run_dir)
+    cfg_path = run / "config.yaml"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{run}: not a run directory (no config.yaml)")
+    cfg = load_config(cfg_path)
+    final = run / which
+    info_path = final / RUN_INFO
+    if not info_path.is_file():
+        raise FileNotFoundError(f"{final}: no trained model here (did the run finish? try --resume)")
+    info = json.loads(info_path.read_text())
+    labels = info.get("label_names")
+    num_labels = len(labels) if labels else None
+    spec = get_method(cfg.method.name)
+    m = cfg.model
+    if spec.saves_full_model:
+        model, _ = load_model(str(final), m.task, m.dtype, num_labels, m.trust_remote_code, m.attn_implementation)
+    else:
+        model, _ = load_model(m.name, m.task, m.dtype, num_labels, m.trust_remote_code, m.attn_implementation)
+    from .models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(final))
+    if not spec.saves_full_model:
+        ctx = MethodContext(task=m.task, tokenizer=tokenizer, base_model_name=m.name)
+        spec.apply(model, cfg.method, ctx)
+        spec.load(model, cfg.method, final, ctx)
+    model.eval()
+    return model, tokenizer, cfg
