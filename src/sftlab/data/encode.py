@@ -1,0 +1,307 @@
+"""Encode canonical records into model inputs and loss labels, per task kind.
+
+causal-lm: `{"input_ids", "labels"}` of equal length, labels -100 outside supervised spans (NOT shifted; the
+loss shifts). Chat formats supervise each assistant turn's content + terminator, found by character spans of
+the rendered text and one tokenization with offsets; format text supervises every token and ends with EOS.
+seq2seq: `{"input_ids": source ids, "labels": target ids + EOS}`. seq-cls: `{"input_ids", "labels": int}`
+(+ `token_type_ids` when the tokenizer makes them).
+
+Examples longer than `max_length` are cut (counted in stats["truncated"]); an example left with no
+supervised token is dropped (stats["dropped"]); a dataset with none at all is an error, never a silent
+zero loss.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from .formats import ROLES, Chat, Labeled, Pair, Record, Text, Turn, as_chat, as_pair, parse_record
+from .readers import DataError, RawRecord, short
+from .templates import get_template
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100
+TASK_FORMATS = {
+    "causal-lm": ("text", "alpaca", "messages", "sharegpt", "seq2seq"),
+    "seq-cls": ("classification",),
+    "seq2seq": ("seq2seq", "alpaca", "messages", "sharegpt"),
+}
+
+
+@dataclass
+class EncodedData:
+    """Encoded examples plus counts (records, examples, dropped, truncated, tokens, supervised_tokens)."""
+
+    examples: list[dict]
+    stats: dict[str, int] = field(default_factory=dict)
+    label_names: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def lengths(self) -> list[int]:
+        """Per-example cost for length grouping: the longer of input and (seq2seq) label sequence."""
+        return [
+            max(len(ex["input_ids"]), len(ex["labels"]) if isinstance(ex["labels"], list) else 0)
+            for ex in self.examples
+        ]
+
+
+def check_task_format(task: str, fmt: str) -> None:
+    if task not in TASK_FORMATS:
+        raise DataError(f"model.task: {task!r} is not one of {', '.join(TASK_FORMATS)}")
+    if fmt not in TASK_FORMATS[task]:
+        raise DataError(
+            f"data.format: {fmt!r} does not fit model.task {task!r}; use one of {', '.join(TASK_FORMATS[task])}"
+        )
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    """Does this tokenizer put BOS in front when encoding normally (LLaMA yes, GPT-2/Qwen no)?"""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    ids = tokenizer("a", add_special_tokens=True, verbose=False)["input_ids"]
+    return bool(ids) and ids[0] == bos
+
+
+def tokenize_spans(tokenizer: Any, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
+    """Token ids of `text` (no added specials) and, per token, whether it overlaps a supervised char span."""
+    marked = bytearray(len(text) + 1)
+    for s, e in spans:
+        marked[s:e] = b"\x01" * (e - s)
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        ids = list(enc["input_ids"])
+        sup = [any(marked[s:e]) if e > s else bool(marked[s]) for s, e in enc["offset_mapping"]]
+        return ids, sup
+    # Slow tokenizers have no offsets: tokenize span by span (boundaries may tokenize a little differently).
+    ids, sup, pos = [], [], 0
+    for s, e in [*spans, (len(text), len(text))]:
+        for a, b, flag in ((pos, s, False), (s, e, True)):
+            if b > a:
+                piece = tokenizer(text[a:b], add_special_tokens=False, verbose=False)["input_ids"]
+                ids += piece
+                sup += [flag] * len(piece)
+        pos = e
+    return ids, sup
+
+
+class Encoder:
+    """Holds the per-dataset settings (template, BOS habit, label map) and encodes one record at a time."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        data_cfg: Any,
+        task: str,
+        label_names: list[str] | None = None,
+        label_source: str = "",
+    ):
+        self.tok, self.cfg, self.task = tokenizer, data_cfg, task
+        self.template = get_template(tokenizer, data_cfg.template) if task != "seq-cls" else None
+        self.bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
+        self.eos = tokenizer.eos_token_id
+        self.label_names = label_names
+        self.label_source = label_source  # where the label list came from, for error messages
+        self.stats = {"truncated": 0, "dropped": 0, "eos_added": 0}
+        if self.eos is None and task in ("causal-lm", "seq2seq"):
+            raise DataError(
+                "tokenizer has no eos_token: generation could never stop; set tokenizer.eos_token"
+            )
+
+    def _with_bos(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+        if self.bos is not None and (not ids or ids[0] != self.bos):
+            return [self.bos, *ids], [IGNORE, *labels]
+        return ids, labels
+
+    def _truncate(self, seq: list[int], *others: list[int]) -> tuple[list[int], ...]:
+        n = self.cfg.max_length
+        if len(seq) <= n:
+            return (seq, *others)
+        self.stats["truncated"] += 1
+        return (seq[:n], *(o[:n] for o in others))
+
+    def causal(self, rec: Record) -> dict | None:
+        if isinstance(rec, Text):
+            ids = self.tok(rec.text, add_special_tokens=False, verbose=False)["input_ids"] + [self.eos]
+            ids, labels = self._with_bos(ids, list(ids))
+        else:
+            r = self.template.render(as_chat(rec, self.cfg.system_prompt).turns)
+            self.stats["eos_added"] += r.eos_added
+            spans = [(0, len(r.text))] if self.cfg.train_on_prompt else r.spans
+            ids, sup = tokenize_spans(self.tok, r.text, spans)
+            labels = [t if s else IGNORE for t, s in zip(ids, sup)]
+            ids, labels = self._with_bos(ids, labels)
+        ids, labels = self._truncate(ids, labels)
+        if all(v == IGNORE for v in labels[1:]):  # position 0 is never a target after the shift
+            self.stats["dropped"] += 1
+            return None
+        return {"input_ids": ids, "labels": labels}
+
+    def seq2seq(self, rec: Record) -> dict | None:
+        pair = as_pair(rec)
+        src = self.tok(pair.source, add_special_tokens=True, verbose=False)["input_ids"]
+        if len(src) > self.cfg.max_length:
+            self.stats["truncated"] += 1
+            src = self.tok(pair.source, truncation=True, max_length=self.cfg.max_length)["input_ids"]
+        tgt = self.tok(pair.target, add_special_tokens=False, verbose=False)["input_ids"] + [self.eos]
+        (tgt,) = self._truncate(tgt)
+        return {"input_ids": src, "labels": tgt}
+
+    def classify(self, rec: Labeled) -> dict:
+        text, pair = rec.text, rec.text_pair
+        if pair is not None and self.tok.num_special_tokens_to_add(pair=True) == 0:
+            sep = self.tok.sep_token or self.tok.eos_token or "\n"  # keep the two texts apart
+            text, pair = rec.text + sep + pair, None
+        enc = self.tok(text, pair, add_special_tokens=True, verbose=False)
+        if len(enc["input_ids"]) > self.cfg.max_length:
+            self.stats["truncated"] += 1
+            enc = self.tok(
+                text, pair, add_special_tokens=True, truncation=True, max_length=self.cfg.max_length
+            )
+        out = {"input_ids": list(enc["input_ids"]), "labels": self.label_id(rec)}
+        if "token_type_ids" in enc:
+            out["token_type_ids"] = list(enc["token_type_ids"])
+        return out
+
+    def label_id(self, rec: Labeled) -> int:
+        names = self.label_names or []
+        key = str(rec.label)
+        if key in names:
+            return names.index(key)
+        if self.cfg.label_names and _is_int(key) and 0 <= int(key) < len(names):
+            return int(key)  # data uses indices, data.label_names gives them names
+        src = f" ({self.label_source})" if self.label_source else ""
+        raise DataError(
+            f"{rec.where}: label: expected one of {', '.join(names)}{src} (got {short(rec.label)})"
+        )
+
+    def encode(self, rec: Record) -> dict | None:
+        if self.task == "causal-lm":
+            return self.causal(rec)
+        if self.task == "seq2seq":
+            return self.seq2seq(rec)
+        return self.classify(rec)
+
+
+def _is_int(s: str) -> bool:
+    return s.lstrip("-").isdigit()
+
+
+def infer_label_names(records: list[Labeled]) -> list[str]:
+    """Sorted distinct labels; numerically when all labels are integers (so 2 < 10)."""
+    keys = {str(r.label) for r in records}
+    return sorted(keys, key=int) if all(_is_int(k) for k in keys) else sorted(keys)
+
+
+def to_records(items: list[Any], fmt: str, system_prompt: str | None = None) -> list[Record]:
+    """Parse raw records (RawRecord or plain dicts) into canonical ones; canonical ones pass through."""
+    out: list[Record] = []
+    for i, item in enumerate(items):
+        if isinstance(item, Chat | Text | Labeled | Pair):
+            out.append(item)
+            continue
+        raw = item if isinstance(item, RawRecord) else RawRecord(f"record {i + 1}", item)
+        if not isinstance(raw.fields, dict):
+            raise DataError(f"{raw.where}: expected an object (got {short(raw.fields)})")
+        out.append(parse_record(raw, fmt, system_prompt))
+    return out
+
+
+def encode_dataset(
+    records: list[Any], tokenizer: Any, data_cfg: Any, task: str, label_names: list[str] | None = None
+) -> EncodedData:
+    """Validate, render and tokenize records. `label_names` (eval sets) fixes the train label mapping."""
+    check_task_format(task, data_cfg.format)
+    recs = to_records(records, data_cfg.format, data_cfg.system_prompt)
+    if not recs:
+        raise DataError(f"{data_cfg.train}: no records to train on")
+    source = "labels of the training data"
+    if task == "seq-cls" and label_names is None:
+        if data_cfg.label_names:
+            label_names, source = list(data_cfg.label_names), "data.label_names"
+        else:
+            label_names, source = infer_label_names(recs), ""  # type: ignore[arg-type]
+    enc = Encoder(tokenizer, data_cfg, task, label_names, source)
+    examples = [ex for ex in (enc.encode(r) for r in recs) if ex is not None]
+    supervised = sum(_supervised(ex, task) for ex in examples)
+    stats = {
+        "records": len(recs),
+        "examples": len(examples),
+        "dropped": enc.stats["dropped"],
+        "truncated": enc.stats["truncated"],
+        "tokens": sum(
+            len(ex["input_ids"]) + (len(ex["labels"]) if task == "seq2seq" else 0) for ex in examples
+        ),
+        "supervised_tokens": supervised,
+        "eos_added": enc.stats["eos_added"],
+    }
+    if supervised == 0:
+        raise DataError(
+            f"no supervised tokens in {len(recs)} records (first: {recs[0].where}): every label is -100, "
+            f"so the loss would be 0; check data.format, data.template and data.max_length={data_cfg.max_length}"
+        )
+    if stats["truncated"]:
+        log.warning(
+            "%d of %d examples cut to data.max_length=%d", stats["truncated"], len(recs), data_cfg.max_length
+        )
+    if stats["dropped"]:
+        log.warning("%d examples dropped: no supervised token left after truncation", stats["dropped"])
+    if stats["eos_added"]:
+        log.warning("chat template left %d assistant turns without EOS; EOS was added", stats["eos_added"])
+    return EncodedData(examples, stats, label_names if task == "seq-cls" else None)
+
+
+def _supervised(ex: dict, task: str) -> int:
+    if task == "seq-cls":
+        return 1
+    labels = ex["labels"][1:] if task == "causal-lm" else ex["labels"]
+    return sum(1 for v in labels if v != IGNORE)
+
+
+def encode_prompt(tokenizer: Any, data_cfg: Any, messages_or_text: str | list[dict]) -> list[int]:
+    """Ids of a prompt ready for generation: chat formats render the assistant header at the end."""
+    fmt = data_cfg.format
+    if fmt in ("classification", "seq2seq") or (fmt == "text" and isinstance(messages_or_text, str)):
+        if not isinstance(messages_or_text, str):
+            raise DataError(f"data.format {fmt}: a prompt must be a string")
+        if fmt != "text":
+            return list(tokenizer(messages_or_text, add_special_tokens=True, verbose=False)["input_ids"])
+        ids = list(tokenizer(messages_or_text, add_special_tokens=False, verbose=False)["input_ids"])
+        bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
+        return [bos, *ids] if bos is not None and (not ids or ids[0] != bos) else ids
+    if isinstance(messages_or_text, str):
+        turns = [Turn("user", messages_or_text, False)]
+    else:
+        turns = []
+        for i, m in enumerate(messages_or_text):
+            role = m.get("role") if isinstance(m, dict) else None
+            if role not in ROLES or not isinstance(m.get("content"), str):
+                raise DataError(
+                    f"prompt: messages[{i}]: expected {{role: {'|'.join(ROLES)}, content: str}} (got {short(m)})"
+                )
+            turns.append(Turn(role, m["content"], False))
+    if data_cfg.system_prompt and not any(t.role == "system" for t in turns):
+        turns.insert(0, Turn("system", data_cfg.system_prompt, False))
+    text = get_template(tokenizer, data_cfg.template).prompt(turns)
+    ids = list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+    bos = tokenizer.bos_token_id if adds_bos(tokenizer) else None
+    return [bos, *ids] if bos is not None and (not ids or ids[0] != bos) else ids
+
+
+def supervised_segments(example: dict, tokenizer: Any) -> list[str]:
+    """Decoded runs of consecutive supervised tokens: what the model is trained to write (for checks, previews)."""
+    runs: list[list[int]] = []
+    prev = False
+    for t, lab in zip(example["input_ids"], example["labels"]):
+        on = lab != IGNORE
+        if on and not prev:
+            runs.append([])
+        if on:
+            runs[-1].append(t)
+        prev = on
+    return [tokenizer.decode(r, skip_special_tokens=False) for r in runs]

@@ -1,0 +1,56 @@
+"""`load_data`: read train (and eval) files, split off an eval share if asked, encode both."""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+from .encode import EncodedData, check_task_format, encode_dataset
+from .readers import DataError, RawRecord, read_records
+
+log = logging.getLogger(__name__)
+
+
+def split_eval(
+    records: list[RawRecord], fraction: float, seed: int
+) -> tuple[list[RawRecord], list[RawRecord]]:
+    """Deterministic (seeded) split; both parts keep file order. At least one record on each side."""
+    n = len(records)
+    n_eval = min(n - 1, max(1, round(n * fraction)))
+    if n_eval < 1:
+        raise DataError(f"data.eval_fraction={fraction}: {n} record(s) is too few to split off an eval set")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_eval])
+    return [r for i, r in enumerate(records) if i not in held], [
+        r for i, r in enumerate(records) if i in held
+    ]
+
+
+def load_data(
+    data_cfg: Any, tokenizer: Any, task: str, seed: int = 0
+) -> tuple[EncodedData, EncodedData | None]:
+    """(train, eval or None). Malformed data raises DataError (`path:line: field: ...`) before any training."""
+    check_task_format(task, data_cfg.format)
+    train_raw = read_records(data_cfg.train, data_cfg.columns, data_cfg.limit)
+    if not train_raw:
+        raise DataError(f"{data_cfg.train}: no records")
+    eval_raw: list[RawRecord] | None = None
+    if data_cfg.eval:
+        eval_raw = read_records(data_cfg.eval, data_cfg.columns, data_cfg.limit)
+        if not eval_raw:
+            raise DataError(f"{data_cfg.eval}: no records")
+    elif data_cfg.eval_fraction > 0:
+        train_raw, eval_raw = split_eval(train_raw, data_cfg.eval_fraction, seed)
+    train = encode_dataset(train_raw, tokenizer, data_cfg, task)
+    log.info("train data: %s", _describe(train.stats))
+    evald = None
+    if eval_raw is not None:
+        evald = encode_dataset(eval_raw, tokenizer, data_cfg, task, label_names=train.label_names)
+        log.info("eval data: %s", _describe(evald.stats))
+    return train, evald
+
+
+def _describe(stats: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in stats.items())

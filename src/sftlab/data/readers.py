@@ -1,0 +1,214 @@
+"""Read raw records from local files, each tagged with its source `file:line` for error messages.
+
+Supported: .json (a list of records, or JSON lines), .jsonl, .csv, .tsv, .parquet, .txt, or a directory of
+them (read recursively in sorted path order, hidden files skipped). Locations are 1-based lines: the line a
+JSON-lines record is on, the line a JSON-list record's `{` starts on, the line a CSV/TSV row starts on (the
+header is line 1), the row number for parquet (no lines there). A .txt file gives one record `{"text": line}`
+per non-empty line (line-per-document, as in wiki dumps; use .jsonl for multi-line documents).
+
+CSV/TSV files have a header row, unless every value in `columns` is a column number ("0", "1", ...) that
+is not a header name: then the file is read headerless with fields named "0", "1", ... (GLUE's RTE val.tsv
+and AG News dev.tsv ship without headers). TSV is read without quote handling, as GLUE files expect.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".txt")
+
+
+class DataError(ValueError):
+    """A malformed data file or record, phrased `path:line: field: expected ... (got ...)`."""
+
+
+@dataclass
+class RawRecord:
+    """One record as read from disk: its fields, and where it came from (`path:line`)."""
+
+    where: str
+    fields: dict[str, Any]
+
+
+def short(value: Any, limit: int = 60) -> str:
+    """repr() of a value, cut short so one bad record cannot flood the terminal."""
+    r = repr(value)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def field_list(fields: dict) -> str:
+    return short(", ".join(map(str, fields)), 80).strip("'\"") if fields else "no fields"
+
+
+def list_files(path: str | Path) -> list[Path]:
+    """The data files under `path` (itself if it is a file)."""
+    p = Path(path)
+    if p.is_file():
+        if p.suffix.lower() not in SUFFIXES:
+            raise DataError(f"{p}: unsupported file type {p.suffix!r}; expected one of {', '.join(SUFFIXES)}")
+        return [p]
+    if p.is_dir():
+        files = sorted(
+            f
+            for f in p.rglob("*")
+            if f.is_file()
+            and f.suffix.lower() in SUFFIXES
+            and not any(part.startswith(".") for part in f.relative_to(p).parts)
+        )
+        if not files:
+            raise DataError(f"{p}: directory holds no {', '.join(SUFFIXES)} files")
+        return files
+    raise DataError(f"{p}: data file or directory does not exist")
+
+
+def read_records(
+    path: str | Path, columns: dict[str, str] | None = None, limit: int | None = None
+) -> list[RawRecord]:
+    """All records under `path` (first `limit` if given), with `columns` renames applied (new name: old name)."""
+    out: list[RawRecord] = []
+    for f in list_files(path):
+        for rec in _read_file(f, columns or {}):
+            out.append(_rename(rec, columns or {}))
+            if limit is not None and len(out) >= limit:
+                return out
+    return out
+
+
+def _rename(rec: RawRecord, columns: dict[str, str]) -> RawRecord:
+    if not columns:
+        return rec
+    fields = dict(rec.fields)
+    for new, old in columns.items():
+        if old not in rec.fields:
+            raise DataError(
+                f"{rec.where}: {old}: missing column (data.columns maps it to {new!r}); "
+                f"record has {field_list(rec.fields)}"
+            )
+        fields.pop(old, None)
+    for new, old in columns.items():
+        fields[new] = rec.fields[old]
+    return RawRecord(rec.where, fields)
+
+
+def _read_file(f: Path, columns: dict[str, str]) -> Iterator[RawRecord]:
+    suffix = f.suffix.lower()
+    if suffix == ".jsonl":
+        yield from _read_jsonl(f, f.read_text(encoding="utf-8"))
+    elif suffix == ".json":
+        yield from _read_json(f)
+    elif suffix in (".csv", ".tsv"):
+        yield from _read_delimited(f, "\t" if suffix == ".tsv" else ",", columns)
+    elif suffix == ".parquet":
+        yield from _read_parquet(f)
+    else:
+        yield from _read_txt(f)
+
+
+def _object(f: Path, line: int, value: Any) -> RawRecord:
+    if not isinstance(value, dict):
+        raise DataError(f"{f}:{line}: expected a JSON object (got {type(value).__name__} {short(value)})")
+    return RawRecord(f"{f}:{line}", value)
+
+
+def _read_jsonl(f: Path, text: str) -> Iterator[RawRecord]:
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{f}:{i}: invalid JSON: {e.msg} (column {e.colno})") from None
+        yield _object(f, i, value)
+
+
+def _read_json(f: Path) -> Iterator[RawRecord]:
+    """A JSON list of objects (each located by the line its `{` is on), or JSON lines in a .json file."""
+    text = f.read_text(encoding="utf-8")
+    start = len(text) - len(text.lstrip())
+    if start == len(text):
+        return
+    if text[start] != "[":
+        yield from _read_jsonl(f, text)
+        return
+    decoder = json.JSONDecoder()
+    pos, line = start + 1, text.count("\n", 0, start) + 1
+    last = start
+    expect_value = True
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n":
+            pos += 1
+        if pos >= len(text):
+            raise DataError(f"{f}:{line}: invalid JSON: unterminated list")
+        if text[pos] == "]":
+            return
+        if not expect_value:
+            if text[pos] != ",":
+                line += text.count("\n", last, pos)
+                last = pos
+                raise DataError(f"{f}:{line}: invalid JSON: expected ',' or ']' between records")
+            pos += 1
+            expect_value = True
+            continue
+        line += text.count("\n", last, pos)
+        last = pos
+        try:
+            value, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{f}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+        yield _object(f, line, value)
+        expect_value = False
+
+
+def _read_delimited(f: Path, delimiter: str, columns: dict[str, str]) -> Iterator[RawRecord]:
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    with f.open(newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh, delimiter=delimiter, quoting=quoting)
+        try:
+            first = next(reader)
+        except StopIteration:
+            return
+        wanted = list(columns.values())
+        headerless = bool(wanted) and all(c.isdigit() for c in wanted) and not any(c in first for c in wanted)
+        header = [str(i) for i in range(len(first))] if headerless else first
+        rows = _with_lines(reader, reader.line_num, (1, first) if headerless else None)
+        for line, row in rows:
+            if not row or (len(row) == 1 and not row[0].strip()):
+                continue
+            if len(row) != len(header):
+                raise DataError(
+                    f"{f}:{line}: expected {len(header)} {'tab' if delimiter == chr(9) else 'comma'}-separated "
+                    f"fields ({', '.join(header)}) (got {len(row)}: {short(row)})"
+                )
+            yield RawRecord(f"{f}:{line}", dict(zip(header, row)))
+
+
+def _with_lines(
+    reader, prev_line: int, first_row: tuple[int, list[str]] | None
+) -> Iterator[tuple[int, list[str]]]:
+    """(start line, row) pairs; a quoted field may span lines, so a row starts after the previous one ends."""
+    if first_row is not None:
+        yield first_row
+    for row in reader:
+        yield prev_line + 1, row
+        prev_line = reader.line_num
+
+
+def _read_parquet(f: Path) -> Iterator[RawRecord]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(f)
+    for i, row in enumerate(table.to_pylist(), start=1):
+        yield RawRecord(f"{f}:{i}", row)
+
+
+def _read_txt(f: Path) -> Iterator[RawRecord]:
+    for i, line in enumerate(f.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            yield RawRecord(f"{f}:{i}", {"text": line})
