@@ -1,0 +1,258 @@
+"""The LoRA layer (Linear or GPT-2 Conv1D), and the wrapper that trains a whole module per adapter.
+
+`LoraLayer` keeps the frozen base layer and, per adapter name, A (r x d_in), B (d_out x r) and, for DoRA,
+a magnitude vector m (d_out). Its forward adds s·(x A^T) B^T: two thin matmuls, never B·A, and no copy of
+x when dropout is 0. Parameter names mirror PEFT's in-model layout (`base_layer`, `lora_A.<adapter>`,
+`lora_magnitude_vector.<adapter>`) so state dicts read familiarly; io.py maps them to PEFT's file keys.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import LoraConfig
+
+BASE = "__base__"  # row name meaning "no adapter" in a mixed batch (PEFT's convention)
+TARGET_TYPES = (nn.Linear, Conv1D)
+
+
+def _row_groups(names: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+    groups: dict[str, list[int]] = {}
+    for i, n in enumerate(names):
+        groups.setdefault(n, []).append(i)
+    return {n: torch.tensor(idx, device=device) for n, idx in groups.items()}
+
+
+class LoraLayer(nn.Module):
+    """A frozen Linear/Conv1D plus named low-rank updates; one adapter is active at a time."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        if not isinstance(base_layer, TARGET_TYPES):
+            raise TypeError(f"LoRA wraps nn.Linear or Conv1D, not {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        # Conv1D stores its weight as (d_in, d_out): PEFT calls this fan_in_fan_out.
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        w = base_layer.weight
+        self.in_features, self.out_features = (
+            (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+        )
+        self.lora_A = nn.ParameterDict()  # name -> (r, d_in)
+        self.lora_B = nn.ParameterDict()  # name -> (d_out, r)
+        self.lora_magnitude_vector = nn.ParameterDict()  # name -> (d_out,), DoRA only
+        self.scaling: dict[str, float] = {}
+        self.dropout: dict[str, float] = {}
+        self.active: str | None = None
+        self.disabled = False
+        self.merged: str | None = None
+        self.row_adapters: list[str] | None = None
+        self._merge_norm: torch.Tensor | None = None  # DoRA row norms at merge time, to unmerge exactly
+
+    # Code elsewhere in transformers reads `.weight`/`.bias` of projections (e.g. for dtype checks).
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    def base_weight(self) -> torch.Tensor:
+        """W as (d_out, d_in), a view of the base parameter (in-place edits reach it)."""
+        w = self.base_layer.weight
+        return w.T if self.fan_in_fan_out else w
+
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    # ---- adapters -------------------------------------------------------------------------------------------
+    def add_adapter(self, name: str, cfg: LoraConfig) -> None:
+        w = self.base_layer.weight
+        a = torch.empty(cfg.r, self.in_features, dtype=w.dtype, device=w.device)
+        b = torch.zeros(self.out_features, cfg.r, dtype=w.dtype, device=w.device)
+        if cfg.init == "gaussian":
+            nn.init.normal_(a, std=1 / cfg.r)
+        else:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.lora_A[name] = nn.Parameter(a)
+        self.lora_B[name] = nn.Parameter(b)
+        self.scaling[name] = cfg.scaling
+        self.dropout[name] = cfg.dropout
+        if cfg.init == "pissa":
+            self._pissa_init(name)
+        if cfg.use_dora:
+            with torch.no_grad():
+                m = self._weight_norm(name)
+            self.lora_magnitude_vector[name] = nn.Parameter(m)
+
+    @torch.no_grad()
+    def _pissa_init(self, name: str) -> None:
+        """A, B from the top-r SVD of W (PEFT's PiSSA); W becomes the residual so W_res + s·B·A == W."""
+        W = self.base_weight()
+        dtype, s, r = W.dtype, self.scaling[name], self.lora_A[name].shape[0]
+        U, S, Vh = torch.linalg.svd(W.float(), full_matrices=False)  # W = U diag(S) Vh
+        sr = torch.sqrt(S[:r] / s)
+        a = sr[:, None] * Vh[:r]  # (r, d_in)
+        b = U[:, :r] * sr[None, :]  # (d_out, r)
+        self.lora_A[name].data = a.to(dtype)
+        self.lora_B[name].data = b.to(dtype)
+        W.copy_((W.float() - s * (b @ a)).to(dtype))
+        # The initial A0, B0: saving converts to a plain LoRA (see io.py), deleting restores W.
+        self.register_buffer(f"pissa_A0_{name}", a.to(dtype).clone(), persistent=False)
+        self.register_buffer(f"pissa_B0_{name}", b.to(dtype).clone(), persistent=False)
+
+    def pissa_init_tensors(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        a0 = getattr(self, f"pissa_A0_{name}", None)
+        return None if a0 is None else (a0, getattr(self, f"pissa_B0_{name}"))
+
+    @torch.no_grad()
+    def delete_adapter(self, name: str) -> None:
+        if self.merged == name:
+            self.unmerge()
+        init = self.pissa_init_tensors(name)
+        if init is not None:  # put back the part of W that PiSSA moved into A0, B0
+            a0, b0 = init
+            W = self.base_weight()
+            W.copy_((W.float() + self.scaling[name] * (b0.float() @ a0.float())).to(W.dtype))
+            delattr(self, f"pissa_A0_{name}")
+            delattr(self, f"pissa_B0_{name}")
+        for d in (self.lora_A, self.lora_B, self.lora_magnitude_vector):
+            if name in d:
+                del d[name]
+        self.scaling.pop(name, None)
+        self.dropout.pop(name, None)
+        if self.active == name:
+            self.active = None
+
+    # ---- forward --------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)  # (..., d_out)
+        if self.row_adapters is not None:
+            if self.merged is not None:
+                raise RuntimeError(
+                    "adapter_per_row needs unmerged adapters; call unmerge_adapter(model) first"
+                )
+            return self._per_row(x, result)
+        if self.disabled or self.merged is not None or self.active not in self.lora_A:
+            return result
+        return result + self._delta(x, result, self.active)
+
+    def _delta(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
+        """What adapter `name` adds to the base output `result` for input x (..., d_in)."""
+        A, B, s, p = self.lora_A[name], self.lora_B[name], self.scaling[name], self.dropout[name]
+        xd = F.dropout(x, p, training=True) if (p > 0 and self.training) else x  # p == 0: no copy of x
+        lora = F.linear(F.linear(xd.to(A.dtype), A), B)  # (..., r) -> (..., d_out)
+        if name not in self.lora_magnitude_vector:
+            return (lora * s).to(result.dtype)
+        # DoRA (PEFT semantics): out = m/||W + s·BA|| * (W x + s·B A x), with the norm detached (DoRA §4.3).
+        with torch.no_grad():
+            norm = self._weight_norm(name)  # (d_out,)
+        scale = self.lora_magnitude_vector[name] / norm  # (d_out,)
+        if xd is x:
+            bias = self.base_layer.bias
+            base = result if bias is None else result - bias
+        else:
+            base = F.linear(xd, self.base_weight().to(xd.dtype))
+        return ((scale - 1) * base + scale * lora * s).to(result.dtype)
+
+    def _weight_norm(self, name: str) -> torch.Tensor:
+        """Row norms of W + s·B·A (d_out,). DoRA needs B·A here; it is never part of the autograd graph."""
+        W = self.base_weight()
+        delta = self.lora_B[name] @ self.lora_A[name]  # (d_out, d_in)
+        return torch.linalg.norm(W + self.scaling[name] * delta.to(W.dtype), dim=1).to(W.dtype)
+
+    def _per_row(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        names = self.row_adapters
+        if x.shape[0] != len(names):
+            raise ValueError(f"adapter_per_row: {len(names)} adapter names for a batch of {x.shape[0]} rows")
+        out = result.clone()
+        for name, idx in _row_groups(names, x.device).items():
+            if name == BASE or name not in self.lora_A:
+                continue
+            out[idx] = result[idx] + self._delta(x[idx], result[idx], name)
+        return out
+
+    # ---- merge ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self, name: str) -> None:
+        """Fold adapter `name` into W: W += s·B·A, or for DoRA W = m/||W + s·BA|| * (W + s·BA)."""
+        if self.merged == name or name not in self.lora_A:
+            return
+        if self.merged is not None:
+            self.unmerge()
+        W = self.base_weight()
+        delta = (self.scaling[name] * (self.lora_B[name] @ self.lora_A[name])).to(W.dtype)  # (d_out, d_in)
+        if name in self.lora_magnitude_vector:
+            norm = torch.linalg.norm(W + delta, dim=1).to(W.dtype)
+            self._merge_norm = norm
+            factor = (self.lora_magnitude_vector[name] / norm)[:, None]
+            W.copy_(factor * (W + delta))
+        else:
+            W.add_(delta)
+        self.merged = name
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        name = self.merged
+        if name is None:
+            return
+        W = self.base_weight()
+        delta = (self.scaling[name] * (self.lora_B[name] @ self.lora_A[name])).to(W.dtype)
+        if name in self.lora_magnitude_vector:
+            factor = (self.lora_magnitude_vector[name] / self._merge_norm)[:, None]
+            W.copy_(W / factor - delta)
+            self._merge_norm = None
+        else:
+            W.sub_(delta)
+        self.merged = None
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.adapter_names()}, active={self.active}, merged={self.merged}"
+
+
+class SavedModule(nn.Module):
+    """`modules_to_save`: a frozen original plus one trainable full copy per adapter (PEFT's layout)."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.original_module = original
+        self.modules_to_save = nn.ModuleDict()
+        self.active: str | None = None
+        self.disabled = False
+        self.row_adapters: list[str] | None = None
+
+    def add_adapter(self, name: str) -> None:
+        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
+        if self.active == name:
+            self.active = None
+
+    def adapter_names(self) -> list[str]:
+        return list(self.modules_to_save.keys())
+
+    def current(self) -> nn.Module:
+        if self.disabled or self.active not in self.modules_to_save:
+            return self.original_module
+        return self.modules_to_save[self.active]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.current().weight
+
+    def forward(self, x: torch.Tensor, *args, **kwargs):
+        if self.row_adapters is None:
+            return self.current()(x, *args, **kwargs)
+        out = self.original_module(x, *args, **kwargs).clone()
+        for name, idx in _row_groups(self.row_adapters, x.device).items():
+            if name in self.modules_to_save:
+                out[idx] = self.modules_to_save[name](x[idx], *args, **kwargs)
+        return out
