@@ -115,8 +115,11 @@ def collate(
 def collate_packed(examples: list[dict], task: str = "causal-lm") -> dict[str, torch.Tensor]:
     """Padding-free batch: all examples in one row (1, sum T_i), position_ids restarting at 0 per example.
 
-    No attention_mask: transformers >= 5 isolates packed sequences from position_ids. The label at each
-    example's first position is -100, so the shifted loss never predicts across an example boundary.
+    No attention_mask: transformers >= 5 isolates packed sequences from position_ids, but only when no KV
+    cache is in play: run the model with `use_cache=False` (or `model.config.use_cache = False`), else it
+    builds a DynamicCache and examples attend to each other (measured: tiny-llama/gpt2 hidden states off
+    by ~2.0). The label at each example's first position is -100, so the shifted loss never predicts
+    across an example boundary.
     """
     if task != "causal-lm":
         raise ValueError(f"packed batches are for causal-lm only (got task {task!r})")
