@@ -253,12 +253,13 @@ def _check_name(model: nn.Module, name: str) -> None:
 
 
 def set_adapter(model: nn.Module, name: str, trainable: bool = True) -> None:
-    """Route every switch through `name`; only its parameters train (others are frozen)."""
+    """Route every switch through `name`; only its parameters train (base and other adapters frozen)."""
     _check_name(model, name)
+    freeze_all(model)
     for _, s in _switches(model):
         s.active = name
-        for n, mod in s.adapters.items():
-            mod.requires_grad_(trainable and n == name)
+        if trainable and name in s.adapters:
+            s.adapters[name].requires_grad_(True)
 
 
 def active_adapter(model: nn.Module) -> str | None:

@@ -20,6 +20,15 @@ FAMILIES = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matmuls: one thread is ~10x faster than two on a shared, loaded 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny(name: str, task: str):
     model, _ = build_tiny(name, task, num_labels=2 if task == "seq-cls" else None)
     return model
