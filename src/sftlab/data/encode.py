@@ -219,7 +219,7 @@ def encode_dataset(
     check_task_format(task, data_cfg.format)
     recs = to_records(records, data_cfg.format, data_cfg.system_prompt)
     if not recs:
-        raise DataError(f"{data_cfg.train}: no records to train on")
+        raise DataError("no records to encode")
     source = "labels of the training data"
     if task == "seq-cls" and label_names is None:
         if data_cfg.label_names:

@@ -97,9 +97,18 @@ def _rename(rec: RawRecord, columns: dict[str, str]) -> RawRecord:
 
 
 def _read_file(f: Path, columns: dict[str, str]) -> Iterator[RawRecord]:
+    try:
+        yield from _read_any(f, columns)
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"{f}: not UTF-8 text ({e.reason} at byte {e.start}); convert it first, e.g. iconv -f latin1 -t utf-8"
+        ) from None
+
+
+def _read_any(f: Path, columns: dict[str, str]) -> Iterator[RawRecord]:
     suffix = f.suffix.lower()
     if suffix == ".jsonl":
-        yield from _read_jsonl(f, f.read_text(encoding="utf-8"))
+        yield from _read_jsonl(f, f.read_text(encoding="utf-8-sig"))
     elif suffix == ".json":
         yield from _read_json(f)
     elif suffix in (".csv", ".tsv"):
@@ -129,7 +138,7 @@ def _read_jsonl(f: Path, text: str) -> Iterator[RawRecord]:
 
 def _read_json(f: Path) -> Iterator[RawRecord]:
     """A JSON list of objects (each located by the line its `{` is on), or JSON lines in a .json file."""
-    text = f.read_text(encoding="utf-8")
+    text = f.read_text(encoding="utf-8-sig")
     start = len(text) - len(text.lstrip())
     if start == len(text):
         return
@@ -168,7 +177,7 @@ def _read_json(f: Path) -> Iterator[RawRecord]:
 def _read_delimited(f: Path, delimiter: str, columns: dict[str, str]) -> Iterator[RawRecord]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    with f.open(newline="", encoding="utf-8") as fh:
+    with f.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.reader(fh, delimiter=delimiter, quoting=quoting)
         try:
             first = next(reader)
@@ -209,6 +218,6 @@ def _read_parquet(f: Path) -> Iterator[RawRecord]:
 
 
 def _read_txt(f: Path) -> Iterator[RawRecord]:
-    for i, line in enumerate(f.read_text(encoding="utf-8").splitlines(), start=1):
+    for i, line in enumerate(f.read_text(encoding="utf-8-sig").splitlines(), start=1):
         if line.strip():
             yield RawRecord(f"{f}:{i}", {"text": line})

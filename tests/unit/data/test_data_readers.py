@@ -124,3 +124,13 @@ def test_malformed_files_name_file_and_line(tmp_path, name, content, columns, me
 def test_missing_path(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         read_records(tmp_path / "nope.jsonl")
+
+
+def test_bom_and_non_utf8(tmp_path):
+    f = tmp_path / "t.csv"
+    f.write_bytes("\ufefftext,label\nhi,1\n".encode())
+    assert read_records(f)[0].fields == {"text": "hi", "label": "1"}
+    g = tmp_path / "latin.txt"
+    g.write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin\.txt: not UTF-8 text"):
+        read_records(g)

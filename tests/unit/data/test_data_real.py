@@ -47,3 +47,30 @@ def test_real_glaive_supervises_gpt_and_function_calls_only(shared_dir):
     first = json.loads(path.read_text())[0]["conversations"]
     expected = [m["value"] + "<|im_end|></s>" for m in first if m["from"] in ("gpt", "function_call")]
     assert supervised_segments(train.examples[0], tok) == expected
+
+
+def test_real_bpe_tokenizer_with_its_chat_template():
+    """SmolLM2's BPE tokenizer and ChatML template (cached by the quickstart, skipped when absent)."""
+    from transformers import AutoTokenizer
+
+    from sftlab.data import encode_dataset
+    from sftlab.quickstart.demo_model import DEMO_DIRNAME, cache_root
+
+    d = cache_root() / DEMO_DIRNAME
+    if not (d / "tokenizer.json").is_file():
+        pytest.skip("SmolLM2 tokenizer not cached")
+    tok = AutoTokenizer.from_pretrained(d)
+    msgs = [
+        {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": " x"},
+        {"role": "assistant", "content": "Sure:\n- a\n- b "},
+    ]
+    data = encode_dataset([{"messages": msgs}], tok, cfg("messages"), "causal-lm")
+    ex = data.examples[0]
+    rendered = tok.apply_chat_template(msgs, tokenize=False)  # includes the template's default system turn
+    assert (
+        ex["input_ids"] == tok(rendered, add_special_tokens=False)["input_ids"]
+    )  # one tokenization, in context
+    assert supervised_segments(ex, tok) == ["Hello! How can I help?<|im_end|>", "Sure:\n- a\n- b <|im_end|>"]
+    assert data.stats["eos_added"] == 0
