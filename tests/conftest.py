@@ -14,7 +14,9 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_threads():
+    # Tiny models run fastest on one thread; more only adds sync overhead (and contention on shared CI cores).
+    torch.set_num_threads(1)
     torch.manual_seed(0)
 
 

@@ -64,12 +64,13 @@ def make_config(tmp: Path, model: str = "tiny-llama", task: str = "causal-lm", f
     fmt = fmt or fmt_default
     if rows is None:
         rows = {"alpaca": alpaca_rows, "messages": messages_rows}.get(fmt, gen)(n)
+    tmp.mkdir(parents=True, exist_ok=True)
     train = write_jsonl(tmp / f"train-{fmt}.jsonl", rows)
     raw = {
         "model": {"name": model, "task": task},
         "method": {"name": "full", **sections.get("method", {})},
         "data": {"train": str(train), "format": fmt, "max_length": 128, **sections.get("data", {})},
         "train": {"output_dir": str(tmp / "run"), "max_steps": 10, "batch_size": 4, "lr": 1e-3,
-                  "schedule": "constant", "progress": False, **sections.get("train", {})},
+                  "schedule": "constant", "progress": False, "threads": 1, **sections.get("train", {})},
     }
     return build_config(raw)

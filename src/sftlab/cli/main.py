@@ -7,7 +7,7 @@ import importlib
 import os
 import sys
 
-SUBCOMMANDS = ["train", "eval", "generate"]
+SUBCOMMANDS = ["train", "eval", "generate", "merge"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -159,9 +159,12 @@ class Trainer:
         stream = self._micro_batches()
         progress = Progress(self.total_steps, enabled=c.progress)
         progress.start(self.state.step)
+        step_start = None
         try:
             while self.state.step < self.total_steps:
                 t0 = time.perf_counter()
+                # Where this step starts: an interrupt mid-step rewinds here, so resume replays the whole step.
+                step_start = (self.state.epoch, self.state.batch_idx, torch.get_rng_state())
                 micro = [collate([self.train_examples[i] for i in next(stream)], self.pad_id, self.task)
                          for _ in range(c.grad_accum)]
                 loss, n_sup, real = self.train_step(micro)
@@ -174,9 +177,10 @@ class Trainer:
                     )
                 lr = self.scheduler.get_last_lr()[0]
                 gnorm = self._optimizer_step()
-                dt = time.perf_counter() - t0
                 s = self.state
                 s.step += 1
+                step_start = None
+                dt = time.perf_counter() - t0
                 s.tokens += real
                 s.supervised += n_sup
                 s.train_time += dt
@@ -200,6 +204,9 @@ class Trainer:
                 self.state.status = "completed"
         except KeyboardInterrupt:
             self.optimizer.zero_grad(set_to_none=True)
+            if step_start is not None:
+                self.state.epoch, self.state.batch_idx, rng = step_start
+                torch.set_rng_state(rng)
             self.state.status = "interrupted"
             path = self.save()
             self.log(f"interrupted: checkpoint saved to {path}; continue with `sftlab train <config> --resume`")
