@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import copy
+from functools import cache
+
 import torch
 
 from sftlab.models import build_tiny
 
-FAMILIES = [("tiny-llama", "causal-lm"), ("tiny-gpt2", "causal-lm"), ("tiny-bert", "seq-cls"), ("tiny-t5", "seq2seq")]
+FAMILIES = [
+    ("tiny-llama", "causal-lm"),
+    ("tiny-gpt2", "causal-lm"),
+    ("tiny-bert", "seq-cls"),
+    ("tiny-t5", "seq2seq"),
+]
 PEFT_TASK = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM"}
 
 
-def tiny(name: str, task: str):
+@cache
+def _built(name: str, task: str):
     model, _ = build_tiny(name, task, 2 if task == "seq-cls" else None)
     return model.eval()
+
+
+def tiny(name: str, task: str):
+    """A fresh copy of the seeded tiny model (deepcopy: much cheaper than re-initialising on a busy CPU)."""
+    return copy.deepcopy(_built(name, task))
 
 
 def inputs(task: str, batch: int = 3, seq: int = 9, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -43,7 +57,9 @@ def logits(model, x: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def randomize(model, keys=("lora_B", "lora_magnitude_vector", "modules_to_save"), seed: int = 3, std: float = 0.1):
+def randomize(
+    model, keys=("lora_B", "lora_magnitude_vector", "modules_to_save"), seed: int = 3, std: float = 0.1
+):
     """Make an adapter's update non-zero (B, DoRA magnitude, saved-module copies), as training would."""
     g = torch.Generator().manual_seed(seed)
     for n, p in sorted(model.named_parameters()):

@@ -47,8 +47,9 @@ def test_same_tensors_same_logits_as_peft_layers(name, task):
     ours = tiny(name, task)
     add_adapter(ours, "default", LoraConfig(r=4, alpha=8, use_dora=True), task=task)
     randomize(ours)
-    pm = peft.get_peft_model(tiny(name, task), peft.LoraConfig(task_type=PEFT_TASK[task], r=4, lora_alpha=8,
-                                                                 use_dora=True)).eval()
+    pm = peft.get_peft_model(
+        tiny(name, task), peft.LoraConfig(task_type=PEFT_TASK[task], r=4, lora_alpha=8, use_dora=True)
+    ).eval()
     mods = dict(pm.base_model.model.named_modules())
     with torch.no_grad():
         for path, layer in lora_layers(ours):
@@ -63,7 +64,9 @@ def test_same_tensors_same_logits_as_peft_layers(name, task):
 @pytest.mark.parametrize("name,task", [("tiny-llama", "causal-lm"), ("tiny-gpt2", "causal-lm")])
 def test_pissa_saved_converted_loads_in_peft_on_unmodified_base(tmp_path, name, task):
     ours = tiny(name, task)
-    add_adapter(ours, "default", LoraConfig(r=4, alpha=8, init="pissa", use_dora=(name == "tiny-gpt2")), task=task)
+    add_adapter(
+        ours, "default", LoraConfig(r=4, alpha=8, init="pissa", use_dora=(name == "tiny-gpt2")), task=task
+    )
     randomize(ours, keys=("lora_A", "lora_B"), std=0.05)  # "training" moved A and B away from their SVD init
     x = inputs(task)
     save_adapter(ours, tmp_path)
@@ -80,6 +83,8 @@ def test_all_linear_target_spec_reads_back_in_peft(tmp_path):
     save_adapter(ours, tmp_path)
     back = peft.PeftModel.from_pretrained(tiny("tiny-bert", "seq-cls"), tmp_path).eval()
     n_peft = sum(1 for n, _ in back.named_modules() if n.endswith("lora_A.default"))
-    assert n_peft == len(list(lora_layers(ours))) == 13  # 2 layers x 6 Linear + pooler.dense; not the classifier
+    assert (
+        n_peft == len(list(lora_layers(ours))) == 13
+    )  # 2 layers x 6 Linear + pooler.dense; not the classifier
     x = inputs("seq-cls")
     assert_close(logits(back, x), logits(ours, x))

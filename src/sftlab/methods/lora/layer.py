@@ -90,6 +90,8 @@ class LoraLayer(nn.Module):
             with torch.no_grad():
                 m = self._weight_norm(name)
             self.lora_magnitude_vector[name] = nn.Parameter(m)
+        if self.active is None:
+            self.active = name
 
     @torch.no_grad()
     def _pissa_init(self, name: str) -> None:
@@ -229,6 +231,8 @@ class SavedModule(nn.Module):
 
     def add_adapter(self, name: str) -> None:
         self.modules_to_save[name] = copy.deepcopy(self.original_module)
+        if self.active is None:
+            self.active = name
 
     def delete_adapter(self, name: str) -> None:
         if name in self.modules_to_save:
