@@ -126,15 +126,20 @@ def add_prefix(model: nn.Module, m: int, reparameterize: bool = False, hidden: i
 def _shift_positions(body: nn.Module, kwargs: dict) -> dict:
     """Real tokens sit at positions m.. as if the prefix were m earlier tokens (Li & Liang; PEFT does the same).
 
-    Keeps adapters trained with PEFT exact in sftlab and vice versa. T5 needs nothing: relative positions.
+    Keeps adapters trained with PEFT exact in sftlab and vice versa. Without position_ids they are counted from
+    the attention mask, so a left-padded row matches the row alone. T5 needs nothing: relative positions.
     """
     m = body._sftlab_prefix_shift
     pos = kwargs.get("position_ids")
     if pos is None:
         _, t = input_length(kwargs)
-        ref = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
-        past = cache_length(kwargs)
-        pos = torch.arange(past, past + t, device=ref.device)[None]  # (1, T)
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2:
+            pos = (mask.long().cumsum(1) - 1).clamp(min=0)[:, -t:]  # (B, T)
+        else:
+            ref = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]
+            past = cache_length(kwargs)
+            pos = torch.arange(past, past + t, device=ref.device)[None]  # (1, T)
     kwargs["position_ids"] = pos + m
     return kwargs
 
