@@ -26,7 +26,8 @@ def _head_ce_sum(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Ten
 def causal_lm_loss(model: nn.Module, batch: dict, chunk_size: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, int]:
     labels = batch["labels"]  # (B, T)
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-    hidden = model.base_model(**inputs).last_hidden_state  # (B, T, H)
+    # No KV cache in training: transformers isolates packed rows (position_ids restarting) only without one.
+    hidden = model.base_model(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
     target = labels[:, 1:]
     mask = target != IGNORE
     h = hidden[:, :-1][mask]  # (N, H)
