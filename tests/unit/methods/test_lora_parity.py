@@ -88,3 +88,23 @@ def test_all_linear_target_spec_reads_back_in_peft(tmp_path):
     )  # 2 layers x 6 Linear + pooler.dense; not the classifier
     x = inputs("seq-cls")
     assert_close(logits(back, x), logits(ours, x))
+
+
+def test_resized_embeddings_saved_with_adapter_load_in_peft(tmp_path):
+    """Added tokens (PEFT #1457): the resized embedding and head train in full and travel with the adapter."""
+
+    def resized():
+        m = tiny("tiny-llama", "causal-lm")
+        m.resize_token_embeddings(270)  # 10 new tokens, randomly initialised differently each time
+        return m
+
+    ours = resized()
+    add_adapter(ours, "default", LoraConfig(r=4, modules_to_save=["embed_tokens", "lm_head"]))
+    randomize(ours)
+    save_adapter(ours, tmp_path)
+    x = {"input_ids": torch.tensor([[5, 265, 7, 269, 9]])}  # uses new token ids
+    back = peft.PeftModel.from_pretrained(resized(), tmp_path).eval()
+    assert_close(logits(back, x), logits(ours, x))
+    mine = resized()
+    load_peft_adapter(mine, tmp_path)
+    assert torch.equal(logits(mine, x), logits(ours, x))

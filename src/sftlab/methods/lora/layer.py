@@ -74,8 +74,10 @@ class LoraLayer(nn.Module):
     # ---- adapters -------------------------------------------------------------------------------------------
     def add_adapter(self, name: str, cfg: LoraConfig) -> None:
         w = self.base_layer.weight
-        a = torch.empty(cfg.r, self.in_features, dtype=w.dtype, device=w.device)
-        b = torch.zeros(self.out_features, cfg.r, dtype=w.dtype, device=w.device)
+        # Half-precision bases get fp32 adapters (as PEFT's autocast_adapter_dtype): tiny, and stable to train.
+        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        a = torch.empty(cfg.r, self.in_features, dtype=dtype, device=w.device)
+        b = torch.zeros(self.out_features, cfg.r, dtype=dtype, device=w.device)
         if cfg.init == "gaussian":
             nn.init.normal_(a, std=1 / cfg.r)
         else:
@@ -89,7 +91,7 @@ class LoraLayer(nn.Module):
         if cfg.use_dora:
             with torch.no_grad():
                 m = self._weight_norm(name)
-            self.lora_magnitude_vector[name] = nn.Parameter(m)
+            self.lora_magnitude_vector[name] = nn.Parameter(m.to(dtype))
         if self.active is None:
             self.active = name
 
@@ -97,17 +99,17 @@ class LoraLayer(nn.Module):
     def _pissa_init(self, name: str) -> None:
         """A, B from the top-r SVD of W (PEFT's PiSSA); W becomes the residual so W_res + s·B·A == W."""
         W = self.base_weight()
-        dtype, s, r = W.dtype, self.scaling[name], self.lora_A[name].shape[0]
+        s, r = self.scaling[name], self.lora_A[name].shape[0]
         U, S, Vh = torch.linalg.svd(W.float(), full_matrices=False)  # W = U diag(S) Vh
         sr = torch.sqrt(S[:r] / s)
         a = sr[:, None] * Vh[:r]  # (r, d_in)
         b = U[:, :r] * sr[None, :]  # (d_out, r)
-        self.lora_A[name].data = a.to(dtype)
-        self.lora_B[name].data = b.to(dtype)
-        W.copy_((W.float() - s * (b @ a)).to(dtype))
+        self.lora_A[name].data = a.to(self.lora_A[name].dtype)
+        self.lora_B[name].data = b.to(self.lora_B[name].dtype)
+        W.copy_((W.float() - s * (b @ a)).to(W.dtype))
         # The initial A0, B0: saving converts to a plain LoRA (see io.py), deleting restores W.
-        self.register_buffer(f"pissa_A0_{name}", a.to(dtype).clone(), persistent=False)
-        self.register_buffer(f"pissa_B0_{name}", b.to(dtype).clone(), persistent=False)
+        self.register_buffer(f"pissa_A0_{name}", self.lora_A[name].detach().clone(), persistent=False)
+        self.register_buffer(f"pissa_B0_{name}", self.lora_B[name].detach().clone(), persistent=False)
 
     def pissa_init_tensors(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         a0 = getattr(self, f"pissa_A0_{name}", None)
@@ -165,9 +167,8 @@ class LoraLayer(nn.Module):
 
     def _weight_norm(self, name: str) -> torch.Tensor:
         """Row norms of W + s·B·A (d_out,). DoRA needs B·A here; it is never part of the autograd graph."""
-        W = self.base_weight()
-        delta = self.lora_B[name] @ self.lora_A[name]  # (d_out, d_in)
-        return torch.linalg.norm(W + self.scaling[name] * delta.to(W.dtype), dim=1).to(W.dtype)
+        w, delta = self._work(self.base_weight(), name)  # (d_out, d_in)
+        return torch.linalg.norm(w + delta, dim=1).to(self.lora_A[name].dtype)
 
     def _per_row(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         names = self.row_adapters
@@ -181,6 +182,12 @@ class LoraLayer(nn.Module):
         return out
 
     # ---- merge ----------------------------------------------------------------------------------------------
+    def _work(self, W: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W, s·B·A) in at least fp32, so merging a half-precision base loses as little as possible."""
+        dt = torch.promote_types(W.dtype, torch.float32)
+        delta = self.scaling[name] * (self.lora_B[name].to(dt) @ self.lora_A[name].to(dt))
+        return W.to(dt), delta
+
     @torch.no_grad()
     def merge(self, name: str) -> None:
         """Fold adapter `name` into W: W += s·B·A, or for DoRA W = m/||W + s·BA|| * (W + s·BA)."""
@@ -189,14 +196,14 @@ class LoraLayer(nn.Module):
         if self.merged is not None:
             self.unmerge()
         W = self.base_weight()
-        delta = (self.scaling[name] * (self.lora_B[name] @ self.lora_A[name])).to(W.dtype)  # (d_out, d_in)
+        w, delta = self._work(W, name)  # (d_out, d_in), in fp32 or wider
         if name in self.lora_magnitude_vector:
-            norm = torch.linalg.norm(W + delta, dim=1).to(W.dtype)
+            norm = torch.linalg.norm(w + delta, dim=1)
             self._merge_norm = norm
-            factor = (self.lora_magnitude_vector[name] / norm)[:, None]
-            W.copy_(factor * (W + delta))
+            factor = (self.lora_magnitude_vector[name].to(norm.dtype) / norm)[:, None]
+            W.copy_((factor * (w + delta)).to(W.dtype))
         else:
-            W.add_(delta)
+            W.copy_((w + delta).to(W.dtype))
         self.merged = name
 
     @torch.no_grad()
@@ -205,13 +212,13 @@ class LoraLayer(nn.Module):
         if name is None:
             return
         W = self.base_weight()
-        delta = (self.scaling[name] * (self.lora_B[name] @ self.lora_A[name])).to(W.dtype)
+        w, delta = self._work(W, name)
         if name in self.lora_magnitude_vector:
-            factor = (self.lora_magnitude_vector[name] / self._merge_norm)[:, None]
-            W.copy_(W / factor - delta)
+            factor = (self.lora_magnitude_vector[name].to(w.dtype) / self._merge_norm)[:, None]
+            W.copy_((w / factor - delta).to(W.dtype))
             self._merge_norm = None
         else:
-            W.sub_(delta)
+            W.copy_((w - delta).to(W.dtype))
         self.merged = None
 
     def extra_repr(self) -> str:
