@@ -10,6 +10,10 @@ Public API (all free functions on the HF model):
   merge_and_unload(model) -> plain HF model with merged weights (for `sftlab merge RUN_DIR OUT_DIR`:
       load the base, apply + load the run's adapter, merge_and_unload, save_pretrained)
   save_adapter(model, dir) / load_peft_adapter(model, dir, name) / lora_config_from_peft(dict)
+
+Caveats (as in PEFT): PiSSA rewrites W to its residual, so with a PiSSA adapter `disable_adapters` gives the
+residual model, and a second PiSSA adapter decomposes the residual; `delete_adapter` restores W. A module in
+modules_to_save gets its own copy per adapter, which unties it from any weight it was tied to.
 """
 
 from __future__ import annotations
