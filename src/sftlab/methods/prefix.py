@@ -1,8 +1,10 @@
 """Prefix tuning (Li & Liang 2021): every attention layer attends to m learned key/value vectors first.
 
 The base stays frozen; attention runs over [P_k, K] and [P_v, V]. The prefix is injected through transformers'
-attention-function interface (see `_kv_seam`), never through the KV cache, so cached generation, padding and
-position ids are untouched: real tokens keep positions 0..T-1 and the prefix has no position at all.
+attention-function interface (see `_kv_seam`), never through the KV cache: the cache holds only real tokens,
+so cached generation and padding work exactly as in the base model. As in Li & Liang and PEFT, real tokens sit at
+positions m.. (a backbone pre-hook shifts position_ids; absent ones are counted from the attention mask), so
+PEFT-trained prefixes give PEFT's logits here. The prefix keys carry no rotary/relative position (T5: zero bias).
 
 Layout (PEFT's PREFIX_TUNING): one tensor of shape [m, n_layers * 2 * n_kv_heads * head_dim], the last axis read
 as (layer, key|value, head, head_dim). "Layers" are attention sites in call order: for decoders and BERT the
@@ -107,6 +109,8 @@ def prefix_module(model: nn.Module) -> PrefixKV:
 
 def add_prefix(model: nn.Module, m: int, reparameterize: bool = False, hidden: int = 512) -> PrefixKV:
     """Install the prefix attention seam and attach a fresh m-token prefix to every attention site."""
+    if hasattr(model, ATTR):
+        raise ValueError("prefix tuning is already applied to this model")
     sites = install_prefix_attention(model)
     shapes = {(h, d) for _, h, d in sites}
     if len(shapes) != 1:
