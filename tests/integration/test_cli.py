@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CANONICAL = ROOT / "configs" / "tiny-llama" / "full.yaml"
 
 
-@pytest.mark.parametrize("cmd", [[], ["train"], ["eval"], ["generate"], ["merge"]])
+@pytest.mark.parametrize("cmd", [[], ["train"], ["eval"], ["generate"], ["merge"], ["convert"]])
 def test_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         main([*cmd, "--help"])

@@ -7,7 +7,7 @@ import importlib
 import os
 import sys
 
-SUBCOMMANDS = ["train", "eval", "generate", "merge"]
+SUBCOMMANDS = ["train", "eval", "generate", "merge", "convert"]
 
 
 def build_parser() -> argparse.ArgumentParser:
