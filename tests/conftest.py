@@ -28,4 +28,9 @@ def shared_dir() -> Path:
     return SHARED
 
 
-TINY_FAMILIES = [("tiny-llama", "causal-lm"), ("tiny-gpt2", "causal-lm"), ("tiny-bert", "seq-cls"), ("tiny-t5", "seq2seq")]
+TINY_FAMILIES = [
+    ("tiny-llama", "causal-lm"),
+    ("tiny-gpt2", "causal-lm"),
+    ("tiny-bert", "seq-cls"),
+    ("tiny-t5", "seq2seq"),
+]

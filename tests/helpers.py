@@ -30,11 +30,17 @@ def messages_rows(n: int, seed: int = 0) -> list[dict]:
     rows = []
     for _ in range(n):
         a, b = rng.choice(WORDS), rng.choice(WORDS)
-        rows.append({"messages": [
-            {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": f"first {a}"}, {"role": "assistant", "content": a},
-            {"role": "user", "content": f"then {b}"}, {"role": "assistant", "content": b},
-        ]})
+        rows.append(
+            {
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": f"first {a}"},
+                    {"role": "assistant", "content": a},
+                    {"role": "user", "content": f"then {b}"},
+                    {"role": "assistant", "content": b},
+                ]
+            }
+        )
     return rows
 
 
@@ -53,12 +59,22 @@ def seq2seq_rows(n: int, seed: int = 0) -> list[dict]:
     return [{"source": f"upper {w}", "target": w.upper()} for w in (rng.choice(WORDS) for _ in range(n))]
 
 
-FORMAT_FOR_TASK = {"causal-lm": ("alpaca", alpaca_rows), "seq-cls": ("classification", classification_rows),
-                   "seq2seq": ("seq2seq", seq2seq_rows)}
+FORMAT_FOR_TASK = {
+    "causal-lm": ("alpaca", alpaca_rows),
+    "seq-cls": ("classification", classification_rows),
+    "seq2seq": ("seq2seq", seq2seq_rows),
+}
 
 
-def make_config(tmp: Path, model: str = "tiny-llama", task: str = "causal-lm", fmt: str | None = None,
-                rows=None, n: int = 32, **sections):
+def make_config(
+    tmp: Path,
+    model: str = "tiny-llama",
+    task: str = "causal-lm",
+    fmt: str | None = None,
+    rows=None,
+    n: int = 32,
+    **sections,
+):
     """A RunConfig over a fresh dataset in tmp; `sections` are dicts merged into method/data/train."""
     fmt_default, gen = FORMAT_FOR_TASK[task]
     fmt = fmt or fmt_default
@@ -70,7 +86,15 @@ def make_config(tmp: Path, model: str = "tiny-llama", task: str = "causal-lm", f
         "model": {"name": model, "task": task},
         "method": {"name": "full", **sections.get("method", {})},
         "data": {"train": str(train), "format": fmt, "max_length": 128, **sections.get("data", {})},
-        "train": {"output_dir": str(tmp / "run"), "max_steps": 10, "batch_size": 4, "lr": 1e-3,
-                  "schedule": "constant", "progress": False, "threads": 1, **sections.get("train", {})},
+        "train": {
+            "output_dir": str(tmp / "run"),
+            "max_steps": 10,
+            "batch_size": 4,
+            "lr": 1e-3,
+            "schedule": "constant",
+            "progress": False,
+            "threads": 1,
+            **sections.get("train", {}),
+        },
     }
     return build_config(raw)

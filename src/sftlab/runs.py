@@ -1,12 +1,12 @@
 """The run directory: its layout, the atomic `final/` write, and reloading a trained run for use.
 
-    run_dir/config.yaml      resolved config
-    run_dir/metrics.jsonl    one row per logged step / eval
-    run_dir/loss.png         train and eval loss vs step
-    run_dir/checkpoints/step-N/
-    run_dir/final/           adapter (PEFT layout where PEFT has the method) or full HF model, plus tokenizer
-    run_dir/final/sftlab.json  method, task, base model, label names
-    run_dir/summary.json
+run_dir/config.yaml      resolved config
+run_dir/metrics.jsonl    one row per logged step / eval
+run_dir/loss.png         train and eval loss vs step
+run_dir/checkpoints/step-N/
+run_dir/final/           adapter (PEFT layout where PEFT has the method) or full HF model, plus tokenizer
+run_dir/final/sftlab.json  method, task, base model, label names
+run_dir/summary.json
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ from .models import load_model
 RUN_INFO = "sftlab.json"
 
 
-def save_final(model: nn.Module, tokenizer, cfg: RunConfig, run_dir: Path, label_names: list[str] | None) -> Path:
+def save_final(
+    model: nn.Module, tokenizer, cfg: RunConfig, run_dir: Path, label_names: list[str] | None
+) -> Path:
     """Write final/ into a temp dir and rename, so a crash never leaves a half-written final model."""
     final, tmp = run_dir / "final", run_dir / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -34,7 +36,12 @@ def save_final(model: nn.Module, tokenizer, cfg: RunConfig, run_dir: Path, label
     ctx = MethodContext(task=cfg.model.task, tokenizer=tokenizer, base_model_name=cfg.model.name)
     spec.save(model, cfg.method, tmp, ctx)
     tokenizer.save_pretrained(tmp)
-    info = {"method": cfg.method.name, "task": cfg.model.task, "base_model": cfg.model.name, "label_names": label_names}
+    info = {
+        "method": cfg.method.name,
+        "task": cfg.model.task,
+        "base_model": cfg.model.name,
+        "label_names": label_names,
+    }
     (tmp / RUN_INFO).write_text(json.dumps(info, indent=2))
     if final.exists():
         shutil.rmtree(final)
@@ -59,7 +66,9 @@ def load_run(run_dir: str | Path, which: str = "final") -> tuple[nn.Module, obje
     spec = get_method(cfg.method.name)
     m = cfg.model
     if spec.saves_full_model:
-        model, _ = load_model(str(final), m.task, m.dtype, num_labels, m.trust_remote_code, m.attn_implementation)
+        model, _ = load_model(
+            str(final), m.task, m.dtype, num_labels, m.trust_remote_code, m.attn_implementation
+        )
     else:
         model, _ = load_model(m.name, m.task, m.dtype, num_labels, m.trust_remote_code, m.attn_implementation)
     from .models import load_tokenizer

@@ -18,14 +18,26 @@ METHODS = {
     "ptuning": {"num_virtual_tokens": 4, "encoder": "mlp"},
     "prompt": {"num_virtual_tokens": 4},
 }
-FAMILIES = [("tiny-llama", "causal-lm"), ("tiny-gpt2", "causal-lm"), ("tiny-bert", "seq-cls"), ("tiny-t5", "seq2seq")]
+FAMILIES = [
+    ("tiny-llama", "causal-lm"),
+    ("tiny-gpt2", "causal-lm"),
+    ("tiny-bert", "seq-cls"),
+    ("tiny-t5", "seq2seq"),
+]
 
 
 @pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("model,task", FAMILIES)
 def test_method_trains_saves_reloads_generates(tmp_path, method, model, task):
-    cfg = make_config(tmp_path, model, task, n=16, method={"name": method, **METHODS[method]},
-                      train={"max_steps": 3, "lr": 1e-2}, data={"eval_fraction": 0.25})
+    cfg = make_config(
+        tmp_path,
+        model,
+        task,
+        n=16,
+        method={"name": method, **METHODS[method]},
+        train={"max_steps": 3, "lr": 1e-2},
+        data={"eval_fraction": 0.25},
+    )
     summary = train(cfg, log=lambda *_: None)
     assert summary["status"] == "completed"
     assert 0 < summary["trainable_params"] <= summary["total_params"]
@@ -34,5 +46,7 @@ def test_method_trains_saves_reloads_generates(tmp_path, method, model, task):
     res = evaluate(reloaded, eval_data.examples, task, 8, tok.pad_token_id)
     assert res["eval_loss"] == pytest.approx(summary["eval_loss"], rel=1e-5, abs=1e-6)
     if task != "seq-cls":
-        outs = generate(reloaded, tok, cfg.data, ["Repeat: cat", "Repeat: a much longer prompt"], max_new_tokens=4)
+        outs = generate(
+            reloaded, tok, cfg.data, ["Repeat: cat", "Repeat: a much longer prompt"], max_new_tokens=4
+        )
         assert len(outs) == 2 and all(isinstance(o, str) for o in outs)

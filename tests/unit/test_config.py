@@ -44,8 +44,16 @@ def test_canonical_config_loads(canonical):
 
 
 def test_overrides_are_parsed_as_yaml(canonical):
-    cfg = load_config(canonical, ["train.lr=1e-4", "method.name=freeze", "method.trainable_modules=[q_proj,v_proj]",
-                                  "train.gradient_checkpointing=true", "train.max_grad_norm=null"])
+    cfg = load_config(
+        canonical,
+        [
+            "train.lr=1e-4",
+            "method.name=freeze",
+            "method.trainable_modules=[q_proj,v_proj]",
+            "train.gradient_checkpointing=true",
+            "train.max_grad_norm=null",
+        ],
+    )
     assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float)
     assert cfg.method.trainable_modules == ["q_proj", "v_proj"]
     assert cfg.train.gradient_checkpointing is True and cfg.train.max_grad_norm is None
@@ -55,14 +63,21 @@ def test_overrides_are_parsed_as_yaml(canonical):
 def test_unknown_key_suggests(canonical):
     with pytest.raises(ConfigError, match=r"train\.lrr: unknown key \(did you mean 'lr'\?\)"):
         load_config(canonical, ["train.lrr=1"])
-    with pytest.raises(ConfigError, match=r"method\.trainable_layer: unknown key \(did you mean 'trainable_layers'"):
+    with pytest.raises(
+        ConfigError, match=r"method\.trainable_layer: unknown key \(did you mean 'trainable_layers'"
+    ):
         load_config(canonical, ["method.name=freeze", "method.trainable_layer=1"])
 
 
 def test_bad_values_name_key_value_and_allowed(canonical):
-    with pytest.raises(ConfigError, match=r"train\.schedule: 'cosin' is not allowed; expected 'cosine', 'linear' or 'constant'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"train\.schedule: 'cosin' is not allowed; expected 'cosine', 'linear' or 'constant'",
+    ):
         load_config(canonical, ["train.schedule=cosin"])
-    with pytest.raises(ConfigError, match=r"method\.name: 'lroa' is not one of full, freeze, lora.*did you mean 'lora'"):
+    with pytest.raises(
+        ConfigError, match=r"method\.name: 'lroa' is not one of full, freeze, lora.*did you mean 'lora'"
+    ):
         load_config(canonical, ["method.name=lroa"])
     with pytest.raises(ConfigError, match=r"train\.batch_size: .*greater than 0 \(got -1\)"):
         load_config(canonical, ["train.batch_size=-1"])

@@ -6,8 +6,11 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("convert", help="Convert a llama2.c export (e.g. stories260K) to an HF Llama directory.",
-                       description="Writes config.json, model.safetensors and a tokenizer that from_pretrained loads.")
+    p = sub.add_parser(
+        "convert",
+        help="Convert a llama2.c export (e.g. stories260K) to an HF Llama directory.",
+        description="Writes config.json, model.safetensors and a tokenizer that from_pretrained loads.",
+    )
     p.add_argument("source_format", choices=["llama2c"])
     p.add_argument("model_bin")
     p.add_argument("tokenizer_bin")

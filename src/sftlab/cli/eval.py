@@ -7,13 +7,18 @@ import json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="Evaluate a trained run on a dataset.",
-                       description="Loss and perplexity (causal-lm, seq2seq) or accuracy (seq-cls) of a trained run.")
+    p = sub.add_parser(
+        "eval",
+        help="Evaluate a trained run on a dataset.",
+        description="Loss and perplexity (causal-lm, seq2seq) or accuracy (seq-cls) of a trained run.",
+    )
     p.add_argument("run_dir", help="a run directory written by sftlab train")
     p.add_argument("--data", help="dataset file (default: the run's eval data, else its train data)")
     p.add_argument("--format", help="data format, if different from the run's")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--base", action="store_true", help="evaluate the base model without the method, for comparison")
+    p.add_argument(
+        "--base", action="store_true", help="evaluate the base model without the method, for comparison"
+    )
     p.set_defaults(func=run)
 
 
@@ -23,16 +28,26 @@ def run(args: argparse.Namespace) -> int:
     from ..runs import load_run
 
     model, tok, cfg = load_run(args.run_dir)
-    data_cfg = cfg.data.model_copy(update={"train": args.data or cfg.data.eval or cfg.data.train, "eval": None,
-                                           "eval_fraction": 0.0, **({"format": args.format} if args.format else {})})
+    data_cfg = cfg.data.model_copy(
+        update={
+            "train": args.data or cfg.data.eval or cfg.data.train,
+            "eval": None,
+            "eval_fraction": 0.0,
+            **({"format": args.format} if args.format else {}),
+        }
+    )
     if cfg.model.task == "seq-cls" and model.config.id2label:
-        data_cfg = data_cfg.model_copy(update={"label_names": [model.config.id2label[i] for i in range(len(model.config.id2label))]})
+        data_cfg = data_cfg.model_copy(
+            update={"label_names": [model.config.id2label[i] for i in range(len(model.config.id2label))]}
+        )
     data, _ = load_data(data_cfg, tok, cfg.model.task, cfg.train.seed)
     if args.base:
         from ..models import load_model
 
         m = cfg.model
-        model, _ = load_model(m.name, m.task, m.dtype, model.config.num_labels if m.task == "seq-cls" else None)
+        model, _ = load_model(
+            m.name, m.task, m.dtype, model.config.num_labels if m.task == "seq-cls" else None
+        )
     res = evaluate(model, data.examples, cfg.model.task, args.batch_size, tok.pad_token_id)
     print(json.dumps({"data": data_cfg.train, "examples": len(data.examples), **res}, indent=2))
     return 0

@@ -11,7 +11,9 @@ SUBCOMMANDS = ["train", "eval", "generate", "merge", "convert"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sftlab", description="Supervised fine-tuning of pretrained transformers.")
+    parser = argparse.ArgumentParser(
+        prog="sftlab", description="Supervised fine-tuning of pretrained transformers."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SUBCOMMANDS:
         importlib.import_module(f"sftlab.cli.{name}").register(sub)

@@ -6,9 +6,12 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("merge", help="Merge a LoRA run into a plain Hugging Face model directory.",
-                       description="Fold s·B·A (and DoRA magnitudes) into the base weights; the result loads with "
-                                   "AutoModel*.from_pretrained and has zero adapter overhead.")
+    p = sub.add_parser(
+        "merge",
+        help="Merge a LoRA run into a plain Hugging Face model directory.",
+        description="Fold s·B·A (and DoRA magnitudes) into the base weights; the result loads with "
+        "AutoModel*.from_pretrained and has zero adapter overhead.",
+    )
     p.add_argument("run_dir")
     p.add_argument("out_dir")
     p.set_defaults(func=run)

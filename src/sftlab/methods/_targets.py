@@ -49,7 +49,11 @@ def block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     """The ModuleLists that hold transformer blocks (decoder layers, encoder layers, T5 blocks)."""
     found = []
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and name.split(".")[-1] in ("layers", "layer", "h", "block"):
+        if (
+            isinstance(mod, nn.ModuleList)
+            and len(mod) > 0
+            and name.split(".")[-1] in ("layers", "layer", "h", "block")
+        ):
             found.append((name, mod))
     return found
 

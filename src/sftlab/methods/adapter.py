@@ -247,6 +247,9 @@ def add_adapter(
     return points
 
 
+BASE_ROW = "__base__"  # same spelling as LoRA's adapter_per_row
+
+
 def _check_name(model: nn.Module, name: str) -> None:
     if name not in _registry(model):
         raise KeyError(f"no adapter named {name!r}; this model has {sorted(_registry(model)) or 'none'}")
@@ -266,10 +269,27 @@ def active_adapter(model: nn.Module) -> str | None:
     return next((s.active for _, s in _switches(model)), None)
 
 
-def disable_adapters(model: nn.Module) -> None:
-    """Run the bare base model (exact base outputs) until `set_adapter` is called again."""
+class _RestoreRouting:
+    """Returned by `disable_adapters`: used as a context manager, it re-activates the previous adapter on exit."""
+
+    def __init__(self, model: nn.Module, previous: str | None):
+        self.model, self.previous = model, previous
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc) -> None:
+        for _, s in _switches(self.model):
+            s.active = self.previous
+
+
+def disable_adapters(model: nn.Module) -> _RestoreRouting:
+    """Run the bare base model (exact base outputs): until `set_adapter` is called again, or, as
+    `with disable_adapters(model): ...` (the LoRA API), until the block ends."""
+    previous = active_adapter(model)
     for _, s in _switches(model):
         s.active = None
+    return _RestoreRouting(model, previous)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
@@ -288,7 +308,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
 @contextmanager
 def adapter_per_row(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
-    """Each batch row i goes through adapter names[i] (None: the bare base) at every switch."""
+    """Each batch row i goes through adapter names[i] (None or "__base__": the bare base) at every switch."""
+    names = [None if n == BASE_ROW else n for n in names]
     for n in set(names) - {None}:
         _check_name(model, n)
     switches = [s for _, s in _switches(model)]

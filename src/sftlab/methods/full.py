@@ -58,7 +58,9 @@ def _apply_freeze(model: nn.Module, cfg: FreezeConfig, ctx: MethodContext) -> No
             out.weight.requires_grad_(True)
         unfreeze_modules(model, heads)
     if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError("method: freeze selected no trainable parameters; check trainable_layers/trainable_modules")
+        raise ValueError(
+            "method: freeze selected no trainable parameters; check trainable_layers/trainable_modules"
+        )
 
 
 def _save_full(model: nn.Module, cfg, out_dir: Path, ctx: MethodContext) -> None:
@@ -70,8 +72,22 @@ def _load_full(model: nn.Module, cfg, in_dir: Path, ctx: MethodContext) -> None:
 
 
 METHODS = {
-    "full": MethodSpec("full", FullConfig, _apply_full, _save_full, _load_full, saves_full_model=True,
-                       help="Train every weight."),
-    "freeze": MethodSpec("freeze", FreezeConfig, _apply_freeze, _save_full, _load_full, saves_full_model=True,
-                         help="Train only the last N blocks and/or modules matching patterns."),
+    "full": MethodSpec(
+        "full",
+        FullConfig,
+        _apply_full,
+        _save_full,
+        _load_full,
+        saves_full_model=True,
+        help="Train every weight.",
+    ),
+    "freeze": MethodSpec(
+        "freeze",
+        FreezeConfig,
+        _apply_freeze,
+        _save_full,
+        _load_full,
+        saves_full_model=True,
+        help="Train only the last N blocks and/or modules matching patterns.",
+    ),
 }

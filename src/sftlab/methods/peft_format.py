@@ -30,7 +30,9 @@ def read_adapter(in_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise FileNotFoundError(f"{cfg_path}: no adapter config here")
     if not w_path.is_file():
         if (d / "adapter_model.bin").is_file():
-            raise ValueError(f"{d}: only a pickled adapter_model.bin is present; sftlab loads safetensors only")
+            raise ValueError(
+                f"{d}: only a pickled adapter_model.bin is present; sftlab loads safetensors only"
+            )
         raise FileNotFoundError(f"{w_path}: no adapter weights here")
     return json.loads(cfg_path.read_text()), load_file(str(w_path))
 

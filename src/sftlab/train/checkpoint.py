@@ -98,7 +98,11 @@ def _tuplify(obj: Any) -> Any:
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
     if not ckpt_root.is_dir():
         return []
-    done = [p for p in ckpt_root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE_FILE).exists()]
+    done = [
+        p
+        for p in ckpt_root.iterdir()
+        if p.is_dir() and p.name.startswith("step-") and (p / STATE_FILE).exists()
+    ]
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
 

@@ -17,8 +17,13 @@ class Progress:
         if not self.enabled:
             return
         self._bar = _RichProgress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(), TimeRemainingColumn(), transient=False,
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            transient=False,
         )
         self._bar.start()
         self._task = self._bar.add_task("train", total=self.total, completed=completed, info="")

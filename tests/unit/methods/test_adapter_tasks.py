@@ -226,3 +226,29 @@ def test_per_row_rejects_wrong_row_count_and_unknown_names():
         with adapter_per_row(model, ["a", "a"]):
             model(**batch)
     assert len(find_insertion_points(model, "houlsby")) == 4
+
+
+def test_disable_adapters_as_context_manager_restores_routing():
+    from sftlab.methods.adapter import AdapterConfig, add_adapter, set_adapter
+    from sftlab.models import build_tiny
+
+    model, _ = build_tiny("tiny-llama")
+    ids = torch.randint(4, 200, (2, 12))
+    base = model(ids).logits
+    add_adapter(model, "a", AdapterConfig(name="adapter"))
+    set_adapter(model, "a")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".up." in n:
+                p.normal_(std=0.5)
+    tuned = model(ids).logits
+    assert not torch.allclose(tuned, base)
+    with disable_adapters(model):
+        torch.testing.assert_close(model(ids).logits, base, rtol=0, atol=0)
+    torch.testing.assert_close(model(ids).logits, tuned, rtol=0, atol=0)
+    from sftlab.methods.adapter import adapter_per_row
+
+    with adapter_per_row(model, ["a", "__base__"]):
+        mixed = model(ids).logits
+    torch.testing.assert_close(mixed[0], tuned[0])
+    torch.testing.assert_close(mixed[1], base[1])

@@ -8,8 +8,12 @@ from sftlab.eval.evaluate import evaluate
 from sftlab.recipe import prepare, train
 from sftlab.runs import load_run
 
-FAMILIES = [("tiny-llama", "causal-lm", "alpaca"), ("tiny-gpt2", "causal-lm", "messages"),
-            ("tiny-bert", "seq-cls", "classification"), ("tiny-t5", "seq2seq", "seq2seq")]
+FAMILIES = [
+    ("tiny-llama", "causal-lm", "alpaca"),
+    ("tiny-gpt2", "causal-lm", "messages"),
+    ("tiny-bert", "seq-cls", "classification"),
+    ("tiny-t5", "seq2seq", "seq2seq"),
+]
 # A 2-class task starts at ln 2 and needs a few more steps to leave it.
 TRAIN = {"tiny-bert": {"max_steps": 45, "lr": 1e-3, "batch_size": 8}}
 
@@ -21,7 +25,9 @@ def _losses(run):
 @pytest.mark.parametrize("model,task,fmt", FAMILIES)
 def test_full_finetuning_loss_falls(tmp_path, model, task, fmt):
     rows = messages_rows(32) if fmt == "messages" else None
-    cfg = make_config(tmp_path, model, task, fmt, rows=rows, train=TRAIN.get(model, {"max_steps": 25, "lr": 3e-3}))
+    cfg = make_config(
+        tmp_path, model, task, fmt, rows=rows, train=TRAIN.get(model, {"max_steps": 25, "lr": 3e-3})
+    )
     summary = train(cfg)
     losses = _losses(tmp_path / "run")
     assert summary["status"] == "completed"
@@ -34,8 +40,12 @@ def test_full_finetuning_loss_falls(tmp_path, model, task, fmt):
 
 
 def test_freeze_leaves_frozen_tensors_bit_identical(tmp_path):
-    cfg = make_config(tmp_path, "tiny-llama", method={"name": "freeze", "trainable_layers": 1, "train_head": False},
-                      train={"max_steps": 5})
+    cfg = make_config(
+        tmp_path,
+        "tiny-llama",
+        method={"name": "freeze", "trainable_layers": 1, "train_head": False},
+        train={"max_steps": 5},
+    )
     before, _, _, _ = prepare(cfg, log=lambda *_: None)
     before = {n: p.detach().clone() for n, p in before.named_parameters()}
     train(cfg)
@@ -48,8 +58,11 @@ def test_freeze_leaves_frozen_tensors_bit_identical(tmp_path):
 
 
 def test_freeze_by_pattern(tmp_path):
-    cfg = make_config(tmp_path, "tiny-llama", method={"name": "freeze", "trainable_modules": [r"mlp\.down_proj"],
-                                                      "train_head": False})
+    cfg = make_config(
+        tmp_path,
+        "tiny-llama",
+        method={"name": "freeze", "trainable_modules": [r"mlp\.down_proj"], "train_head": False},
+    )
     model, _, _, _ = prepare(cfg, log=lambda *_: None)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"}

@@ -22,7 +22,9 @@ def test_accumulation_4x2_equals_batch_8(tmp_path):
     from sftlab.data.batching import collate
 
     ex = data.examples[:8]
-    t = Trainer(model=model, cfg=cfg.train, task="causal-lm", train_examples=data.examples, pad_id=0, run_dir=tmp_path)
+    t = Trainer(
+        model=model, cfg=cfg.train, task="causal-lm", train_examples=data.examples, pad_id=0, run_dir=tmp_path
+    )
     loss_big, n_big, _ = t.train_step([collate(ex, 0, "causal-lm")])
     g_big = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
@@ -35,9 +37,18 @@ def test_accumulation_4x2_equals_batch_8(tmp_path):
 
 @pytest.mark.parametrize("model_name", ["tiny-gpt2"])  # GPT-2 has dropout: resume must restore the RNG too
 def test_resume_is_bit_identical(tmp_path, model_name, monkeypatch):
-    straight = make_config(tmp_path / "a", model_name, train={"max_steps": 10, "batch_size": 4, "grad_accum": 2,
-                                                              "schedule": "cosine", "warmup_steps": 2,
-                                                              "output_dir": str(tmp_path / "a" / "run")})
+    straight = make_config(
+        tmp_path / "a",
+        model_name,
+        train={
+            "max_steps": 10,
+            "batch_size": 4,
+            "grad_accum": 2,
+            "schedule": "cosine",
+            "warmup_steps": 2,
+            "output_dir": str(tmp_path / "a" / "run"),
+        },
+    )
     train(straight)
     ref = load_file(str(tmp_path / "a" / "run" / "final" / "model.safetensors"))
 
@@ -61,7 +72,11 @@ def test_resume_is_bit_identical(tmp_path, model_name, monkeypatch):
     got = load_file(str(tmp_path / "b" / "final" / "model.safetensors"))
     for k in ref:
         assert torch.equal(ref[k], got[k]), k
-    steps = [r["step"] for r in map(json.loads, (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    steps = [
+        r["step"]
+        for r in map(json.loads, (tmp_path / "b" / "metrics.jsonl").read_text().splitlines())
+        if "loss" in r
+    ]
     assert steps == list(range(1, 11))
 
 
@@ -78,7 +93,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(loop_mod, "compute_loss", poisoned)
     summary = train(cfg)
     assert summary["status"] == "diverged" and "loss is nan" in summary["error"]
-    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == ["step-1", "step-2", "step-3"]
+    assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == [
+        "step-1",
+        "step-2",
+        "step-3",
+    ]
     assert not (tmp_path / "run" / "final").exists()
     w = load_file(str(tmp_path / "run" / "checkpoints" / "step-3" / "trainable.safetensors"))
     assert all(torch.isfinite(t).all() for t in w.values())
@@ -92,11 +111,20 @@ def test_checkpoint_keep_last_and_no_partial_dirs(tmp_path):
 
 
 def test_run_dir_outputs(tmp_path):
-    cfg = make_config(tmp_path, "tiny-llama", train={"max_steps": 4, "eval_every": 2}, data={"eval_fraction": 0.25})
+    cfg = make_config(
+        tmp_path, "tiny-llama", train={"max_steps": 4, "eval_every": 2}, data={"eval_fraction": 0.25}
+    )
     summary = train(cfg)
     run = tmp_path / "run"
-    for name in ("config.yaml", "metrics.jsonl", "loss.png", "summary.json", "final/config.json",
-                 "final/model.safetensors", "final/tokenizer.json"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "loss.png",
+        "summary.json",
+        "final/config.json",
+        "final/model.safetensors",
+        "final/tokenizer.json",
+    ):
         assert (run / name).exists(), name
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"step", "loss", "lr", "tokens_per_s"} <= set(rows[0])
@@ -113,8 +141,17 @@ def test_existing_run_is_not_overwritten(tmp_path):
 
 def test_early_stopping(tmp_path):
     # lr so high the eval loss cannot keep improving; patience 1 stops well before max_steps.
-    cfg = make_config(tmp_path, "tiny-llama", train={"max_steps": 40, "eval_every": 1, "lr": 0.5,
-                                                     "early_stopping_patience": 1, "max_grad_norm": None},
-                      data={"eval_fraction": 0.25})
+    cfg = make_config(
+        tmp_path,
+        "tiny-llama",
+        train={
+            "max_steps": 40,
+            "eval_every": 1,
+            "lr": 0.5,
+            "early_stopping_patience": 1,
+            "max_grad_norm": None,
+        },
+        data={"eval_fraction": 0.25},
+    )
     summary = train(cfg)
     assert summary["status"] == "early-stopped" and summary["steps"] < 40
