@@ -66,6 +66,24 @@ class TrainConfig(StrictModel):
     seed: int = Field(0, description="Seed for init, data order and dropout.")
     group_by_length: bool = Field(True, description="Length-bucketed batches (less padding).")
     loss_chunk_size: int = Field(1024, gt=0, description="Supervised positions per LM-head chunk.")
+    packing: bool | None = Field(
+        None,
+        description="Padding-free batches for causal-lm: a micro-batch's examples in one row, positions restarting "
+        "per example, no pad computed. null (auto): on when a quick check shows the model keeps packed examples "
+        "apart (it does not with prompt/prefix methods); true: require it; false: padded batches.",
+    )
+    max_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="Token budget per micro-batch (count x longest example), replacing batch_size: short examples "
+        "make big batches, long ones small, so step time and memory stay even. null: batch_size examples.",
+    )
+    varlen_attention: bool = Field(
+        True, description="Packed rows: sdpa per example (sum T_i^2 work) rather than one masked (sum T_i)^2 product."
+    )
+    fused_loss: bool = Field(
+        True, description="Fused LM head + cross-entropy (gradients in the forward pass); false: checkpointed chunks."
+    )
     threads: int | None = Field(None, gt=0, description="torch threads; default: physical cores.")
     progress: bool = Field(True, description="Show a progress bar.")
 

@@ -17,12 +17,13 @@ import torch
 from torch import nn
 
 from ..config import TrainConfig
-from ..data.batching import collate, epoch_batches
+from ..data.batching import collate, collate_packed, epoch_batches, token_budget_batches
 from ..eval.evaluate import evaluate
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .loss import compute_loss, count_supervised
 from .metrics import MetricsLog, plot_loss
 from .optim import build_optimizer, build_scheduler
+from .packing import resolve_packing
 from .progress import Progress
 
 
@@ -63,6 +64,7 @@ class Trainer:
     def __post_init__(self) -> None:
         c = self.cfg
         self.lengths = [len(e["input_ids"]) for e in self.train_examples]
+        self.packing = resolve_packing(c.packing, self.task, self.model, self.train_examples, self.log)
         self.batches_per_epoch = len(self._epoch(0))
         if c.max_steps:
             self.total_steps = c.max_steps
@@ -74,7 +76,14 @@ class Trainer:
 
     # -- data -----------------------------------------------------------------------------------------
     def _epoch(self, epoch: int) -> list[list[int]]:
-        return epoch_batches(self.lengths, self.cfg.batch_size, self.cfg.seed, epoch, self.cfg.group_by_length)
+        c = self.cfg
+        if c.max_tokens:
+            return token_budget_batches(self.lengths, c.max_tokens, c.seed, epoch)
+        return epoch_batches(self.lengths, c.batch_size, c.seed, epoch, c.group_by_length)
+
+    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        """Packed (one row, no pad) or padded, per the resolved `packing`."""
+        return collate_packed(examples, self.task) if self.packing else collate(examples, self.pad_id, self.task)
 
     def _micro_batches(self) -> Iterator[list[int]]:
         """Endless stream from the saved position: the same order whether or not the run was resumed."""
@@ -96,11 +105,16 @@ class Trainer:
         loss_sum = 0.0
         real = 0
         for batch in micro:
-            loss, _ = compute_loss(self.model, batch, self.task, self.cfg.loss_chunk_size)
+            loss, _ = compute_loss(self.model, batch, self.task, self.cfg.loss_chunk_size, **self._loss_options())
             (loss / n_total).backward()
             loss_sum += float(loss.detach())
             real += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
         return loss_sum / n_total, n_total, real
+
+    def _loss_options(self) -> dict:
+        """Only the levers switched off (the defaults stay implicit)."""
+        c = self.cfg
+        return {k: False for k, on in (("fused", c.fused_loss), ("varlen_attn", c.varlen_attention)) if not on}
 
     def _optimizer_step(self) -> float:
         gnorm = float("nan")
@@ -165,8 +179,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 # Where this step starts: an interrupt mid-step rewinds here, so resume replays the whole step.
                 step_start = (self.state.epoch, self.state.batch_idx, torch.get_rng_state())
-                micro = [collate([self.train_examples[i] for i in next(stream)], self.pad_id, self.task)
-                         for _ in range(c.grad_accum)]
+                micro = [self.collate([self.train_examples[i] for i in next(stream)]) for _ in range(c.grad_accum)]
                 loss, n_sup, real = self.train_step(micro)
                 if not math.isfinite(loss):
                     self.optimizer.zero_grad(set_to_none=True)

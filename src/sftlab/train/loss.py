@@ -1,7 +1,8 @@
 """Loss on supervised positions only.
 
 For causal LMs the LM head runs only where labels != -100, in chunks, so no [tokens x vocab] tensor
-for prompt or pad positions is ever built. Every method keeps `model.base_model(...)` aligned with
+is ever built (not for prompt or pad positions, and not for all supervised ones at once either); a plain
+Linear head gets a fused head + cross-entropy whose gradients come out of the forward pass. Every method keeps `model.base_model(...)` aligned with
 `input_ids` (methods that prepend virtual tokens strip them from the base model's output), so this
 one function serves all methods. Returns the *sum* of token losses and the token count, so the loop
 can normalise per supervised token across a whole accumulated batch.
@@ -9,10 +10,14 @@ can normalise per supervised token across a whole accumulated batch.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from . import varlen
 
 IGNORE = -100
 DEFAULT_CHUNK = 1024
@@ -23,11 +28,103 @@ def _head_ce_sum(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Ten
     return F.cross_entropy(logits, y, reduction="sum")
 
 
-def causal_lm_loss(model: nn.Module, batch: dict, chunk_size: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, int]:
+class _LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i W^T + b, y_i), chunk by chunk, with the gradients computed in the same pass.
+
+    Each chunk's logits (n, V) live only inside the loop: d(loss)/d(logits) = softmax - onehot is known as soon
+    as the logits are, so it is turned into dh (and dW, db when they train) right away and the logits are
+    dropped. Backward then only scales the stored gradients by the incoming scalar: no recomputation (the
+    checkpointed path runs the head matmul three times, this one twice plus dW), and never a [N x V] tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, y, chunk_size: int, need_grads: tuple[bool, bool, bool]):
+        # h (N, H), weight (V, H), bias (V,) | None, y (N,)
+        need_h, need_w, need_b = need_grads
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        gh = torch.empty_like(h) if need_h else None  # (N, H)
+        gw = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        )  # (V, H)
+        gb = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None  # (V,)
+        for s in range(0, h.shape[0], chunk_size):
+            hc, yc = h[s : s + chunk_size], y[s : s + chunk_size]  # (n, H), (n,)
+            logits = F.linear(hc, weight, bias).float()  # (n, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            if need_h or need_w or need_b:
+                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                g[torch.arange(g.shape[0], device=g.device), yc] -= 1.0  # (n, V) = dCE/dlogits
+                gc = g.to(weight.dtype)
+                if need_h:
+                    gh[s : s + chunk_size] = gc @ weight  # (n, H)
+                if need_w:
+                    gw.addmm_(gc.T.float(), hc.float())  # (V, H)
+                if need_b:
+                    gb += g.sum(0)
+            del logits
+        ctx.save_for_backward(*(t for t in (gh, gw, gb) if t is not None))
+        ctx.has = (gh is not None, gw is not None, gb is not None)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = iter(ctx.saved_tensors)
+        gh, gw, gb = (next(saved) if has else None for has in ctx.has)
+        scale = grad_out.float()
+        dh = (gh * scale.to(gh.dtype)) if gh is not None else None
+        dw = (gw * scale).to(ctx.dtypes[0]) if gw is not None else None
+        db = (gb * scale).to(ctx.dtypes[1]) if gb is not None else None
+        return dh, dw, db, None, None, None
+
+
+def linear_cross_entropy_sum(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    y: torch.Tensor,
+    chunk_size: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
+    """Summed cross-entropy of the linear head on rows h (N, H) against targets y (N,); fused, chunked."""
+    grad_on = torch.is_grad_enabled()
+    need = (
+        grad_on and h.requires_grad,
+        grad_on and weight.requires_grad,
+        grad_on and bias is not None and bias.requires_grad,
+    )
+    return _LinearCrossEntropy.apply(h, weight, bias, y, chunk_size, need)
+
+
+def _fusable(head: nn.Module) -> bool:
+    """Only a plain Linear head: a wrapped head (LoRA on lm_head, modules_to_save) runs its own forward."""
+    return type(head) is nn.Linear
+
+
+def _takes_kwargs(module: nn.Module) -> bool:
+    return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(module.forward).parameters.values())
+
+
+def _packed_row(batch: dict) -> bool:
+    return "position_ids" in batch and "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
+
+
+def causal_lm_loss(
+    model: nn.Module,
+    batch: dict,
+    chunk_size: int = DEFAULT_CHUNK,
+    fused: bool = True,
+    varlen_attn: bool = True,
+) -> tuple[torch.Tensor, int]:
     labels = batch["labels"]  # (B, T)
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    body = model.base_model
+    if varlen_attn and _packed_row(batch) and getattr(model.config, "_attn_implementation", None) == "sdpa":
+        if _takes_kwargs(body):  # per-example attention on the packed row (see varlen.py)
+            varlen.install()
+            inputs[varlen.KWARG] = varlen.segments_from_positions(batch["position_ids"])
     # No KV cache in training: transformers isolates packed rows (position_ids restarting) only without one.
-    hidden = model.base_model(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+    hidden = body(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
     target = labels[:, 1:]
     mask = target != IGNORE
     h = hidden[:, :-1][mask]  # (N, H)
@@ -36,6 +133,8 @@ def causal_lm_loss(model: nn.Module, batch: dict, chunk_size: int = DEFAULT_CHUN
     head = model.get_output_embeddings()
     if n == 0:
         return hidden.sum() * 0.0, 0
+    if fused and _fusable(head):
+        return linear_cross_entropy_sum(h, head.weight, head.bias, y, chunk_size), n
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, n, chunk_size):
         hs, ys = h[start : start + chunk_size], y[start : start + chunk_size]
@@ -54,7 +153,9 @@ def naive_causal_lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, i
     labels = batch["labels"]
     logits, target = logits[:, :-1], labels[:, 1:]
     n = int((target != IGNORE).sum())
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
     return loss, n
 
 
@@ -63,7 +164,9 @@ def seq2seq_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
     out = model(**{k: v for k, v in batch.items() if k != "labels"}, labels=labels)
     logits = out.logits.float()
     n = int((labels != IGNORE).sum())
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
     return loss, n
 
 
@@ -73,10 +176,20 @@ def seq_cls_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
     return F.cross_entropy(logits, labels, reduction="sum"), int(labels.numel())
 
 
-def compute_loss(model: nn.Module, batch: dict, task: str, chunk_size: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, int]:
-    """(sum of per-token losses, number of supervised tokens) for one micro-batch."""
+def compute_loss(
+    model: nn.Module,
+    batch: dict,
+    task: str,
+    chunk_size: int = DEFAULT_CHUNK,
+    fused: bool = True,
+    varlen_attn: bool = True,
+) -> tuple[torch.Tensor, int]:
+    """(sum of per-token losses, number of supervised tokens) for one micro-batch.
+
+    fused: fused head + cross-entropy (else checkpointed chunks); varlen_attn: packed rows attend per example.
+    """
     if task == "causal-lm":
-        return causal_lm_loss(model, batch, chunk_size)
+        return causal_lm_loss(model, batch, chunk_size, fused, varlen_attn)
     if task == "seq2seq":
         return seq2seq_loss(model, batch)
     if task == "seq-cls":

@@ -1,0 +1,171 @@
+"""One sftlab benchmark run in its own process (so its peak RSS is its own); prints `RESULT {json}`.
+
+It goes through sftlab's real training path: `Trainer` from `sftlab.train.loop`, with the method applied
+through `sftlab.methods.get_method`. The only extra is a clock on each optimizer step and a count of the
+tokens in each micro-batch, as the peer runner keeps.
+
+  python -m benchmarks.ours --workload B1 --steps 6 --warmup 2 [--set packing=false ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _parse_sets(items: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for item in items:
+        key, _, raw = item.partition("=")
+        out[key] = yaml.safe_load(raw)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workload", choices=["B1", "B2"], default="B1")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--examples", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", action="append", default=[], help="train config overrides, e.g. packing=false")
+    ap.add_argument("--profile", default=None, help="write a torch.profiler table of the measured steps here")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    t_import = time.perf_counter()
+    import transformers
+
+    import sftlab
+    from sftlab.config import TrainConfig
+    from sftlab.methods import MethodContext, get_method
+    from sftlab.methods._targets import count_parameters
+    from sftlab.train.loop import Trainer
+
+    from .workloads import TARGETS, WORKLOADS, build_model, encoded_examples, flop_params, supervised_tokens
+
+    transformers.logging.set_verbosity_error()
+    import_s = time.perf_counter() - t_import
+    wl = WORKLOADS[args.workload]
+
+    t0 = time.perf_counter()
+    model = build_model(args.seed, args.attn)
+    n_flop = flop_params(model)
+    spec = get_method(wl["method"])
+    mcfg = spec.config(name=wl["method"])
+    if wl["method"] == "lora":
+        mcfg = spec.config(name="lora", r=16, alpha=32, dropout=0.0, target_modules=TARGETS)
+    torch.manual_seed(args.seed)
+    spec.apply(
+        model, mcfg, MethodContext(task="causal-lm", tokenizer=None, base_model_name="bench-llama-58m")
+    )
+    trainable, total = count_parameters(model)
+    examples = encoded_examples(args.examples, 32000, args.max_length, args.seed)
+
+    stats: dict[str, list] = {"real": [], "loss_tok": [], "tensor": [], "t_end": []}
+
+    class Clocked(Trainer):
+        def train_step(self, micro):
+            for b in micro:
+                ids = b["input_ids"]
+                stats["real"].append(int(b["attention_mask"].sum()) if "attention_mask" in b else ids.numel())
+                stats["tensor"].append(ids.numel())
+                stats["loss_tok"].append(int((b["labels"][:, 1:] != -100).sum()))
+            return super().train_step(micro)
+
+        def _optimizer_step(self):
+            g = super()._optimizer_step()
+            stats["t_end"].append(time.perf_counter())
+            return g
+
+    overrides = _parse_sets(args.set)
+    tcfg = TrainConfig(
+        output_dir="unused", max_steps=args.warmup + args.steps, batch_size=args.batch, lr=2e-4, schedule="constant",
+        weight_decay=0.0, seed=args.seed, progress=False, log_every=10**9, threads=args.threads, **overrides,
+    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Clocked(model=model, cfg=tcfg, task="causal-lm", train_examples=examples, pad_id=0,
+                          run_dir=__import__("pathlib").Path(tmp), log=lambda *_: None)  # fmt: skip
+        setup_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        if args.profile:
+            _profiled_fit(trainer, args.warmup, args.profile)
+        else:
+            trainer.fit()
+        train_s = time.perf_counter() - t1
+        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    w, n = args.warmup, args.steps
+    ga = tcfg.grad_accum
+    t_end = stats["t_end"]
+    meas_s = t_end[-1] - (t_end[w - 1] if w > 0 else t1)
+    real, loss_tok, tensor = (sum(stats[k][w * ga :]) for k in ("real", "loss_tok", "tensor"))
+    step_s = [b - a for a, b in zip(t_end[w - 1 : -1], t_end[w:])] if w > 0 else []
+    flops_per_tok = wl["flop_factor"] * n_flop
+    res = {
+        "side": "sftlab", "workload": args.workload, "variant": "sftlab-" + wl["method"], "steps": n, "warmup": w,
+        "batch": args.batch, "threads": torch.get_num_threads(), "attn": args.attn, "overrides": overrides,
+        "packing": trainer.packing, "max_tokens": tcfg.max_tokens, "fused_loss": tcfg.fused_loss,
+        "tokens_per_s": round(real / meas_s, 1), "loss_tokens_per_s": round(loss_tok / meas_s, 1),
+        "s_per_step": round(meas_s / n, 3), "s_per_step_min": round(min(step_s), 3) if step_s else None,
+        "s_per_step_max": round(max(step_s), 3) if step_s else None,
+        "real_tokens": real, "loss_tokens": loss_tok, "tensor_tokens": tensor,
+        "pad_fraction": round(1 - real / tensor, 4), "completion_tokens_in_data": supervised_tokens(examples),
+        "final_loss": round(trainer.state.last_loss, 4), "params": total, "params_nonemb_plus_head": n_flop,
+        "trainable_params": trainable, "flops_per_token": flops_per_tok,
+        "achieved_gflops": round(flops_per_tok * real / meas_s / 1e9, 2), "peak_rss_mb": round(peak_rss, 1),
+        "import_s": round(import_s, 2), "setup_s": round(setup_s, 2), "train_s": round(train_s, 2),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "sftlab": getattr(sftlab, "__version__", "dev")},
+    }  # fmt: skip
+    print("RESULT " + json.dumps(res), flush=True)
+    return 0
+
+
+def _profiled_fit(trainer, warmup: int, out_path: str) -> None:
+    """Profile the steps after warm-up: operator table by self CPU time (where the step time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    real_step = type(trainer)._optimizer_step
+    state = {"prof": None}
+
+    def step(self):
+        g = real_step(self)
+        if self.state.step + 1 == warmup:  # the next step is the first measured one
+            state["prof"] = profile(activities=[ProfilerActivity.CPU], record_shapes=True)
+            state["prof"].__enter__()
+        return g
+
+    type(trainer)._optimizer_step = step
+    trainer.fit()
+    prof = state["prof"]
+    if prof is None:
+        return
+    prof.__exit__(None, None, None)
+    avg = prof.key_averages(group_by_input_shape=False)
+    with open(out_path, "w") as f:
+        f.write(avg.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=60))
+        f.write("\n\nby shape:\n")
+        f.write(
+            prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=30)
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The supervised-only, chunked, fused LM-head loss equals the naive full-logits loss, in value and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sftlab.data import collate
+from sftlab.methods import MethodContext, get_method
+from sftlab.models import build_tiny
+from sftlab.train import loss as loss_mod
+from sftlab.train.loss import compute_loss, linear_cross_entropy_sum, naive_causal_lm_loss
+
+IGN = -100
+
+
+def _batch(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    exs = []
+    for n in (9, 23, 5, 16):
+        ids = torch.randint(4, 260, (n,), generator=g).tolist()
+        exs.append({"input_ids": ids, "labels": [IGN] * (n // 3) + ids[n // 3 :]})
+    return collate(exs, 0, "causal-lm")
+
+
+def _model(name: str, method: str):
+    model, tok = build_tiny(name)
+    cfg_kw = {"r": 4, "alpha": 8, "target_modules": "all-linear"} if method == "lora" else {}
+    spec = get_method(method)
+    torch.manual_seed(0)
+    spec.apply(model, spec.config(name=method, **cfg_kw), MethodContext("causal-lm", tok, name))
+    if method == "lora":  # B starts at zero; make the adapters matter for the gradient check
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.05)
+    return model.eval()  # no dropout (GPT-2 has some): both paths must see the same network
+
+
+def _grads(model, fn, batch):
+    model.zero_grad(set_to_none=True)
+    loss, n = fn(model, batch)
+    loss.backward()
+    return loss.detach(), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("chunk", [1, 7, 1024])
+def test_fused_loss_and_grads_equal_naive(name, method, chunk):
+    model = _model(name, method)
+    batch = _batch()
+    ref_loss, ref_n, ref_g = _grads(model, naive_causal_lm_loss, batch)
+    for fused in (True, False):
+        loss, n, g = _grads(
+            model, lambda m, b, f=fused: compute_loss(m, b, "causal-lm", chunk, fused=f), batch
+        )
+        assert n == ref_n
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-4)
+        assert g.keys() == ref_g.keys()
+        for k in ref_g:
+            torch.testing.assert_close(g[k], ref_g[k], rtol=1e-4, atol=1e-6, msg=k)
+    if method == "lora":  # frozen weights (head included) never get a gradient
+        assert all("lora_" in k for k in ref_g)
+
+
+def test_fused_function_direct_with_bias_and_scaled_grad():
+    torch.manual_seed(0)
+    h = torch.randn(11, 8, requires_grad=True)
+    w = torch.randn(30, 8, requires_grad=True)
+    b = torch.randn(30, requires_grad=True)
+    y = torch.randint(0, 30, (11,))
+    ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, w, b), y, reduction="sum")
+    ref_g = torch.autograd.grad(ref * 0.37, (h, w, b))
+    got = linear_cross_entropy_sum(h, w, b, y, chunk_size=4)
+    got_g = torch.autograd.grad(got * 0.37, (h, w, b))
+    torch.testing.assert_close(got, ref)
+    for a, r in zip(got_g, ref_g):
+        torch.testing.assert_close(a, r)
+    with torch.no_grad():  # eval: no gradient buffers, same value
+        torch.testing.assert_close(linear_cross_entropy_sum(h, w, b, y, 4), ref)
+
+
+def test_no_full_vocab_tensor_is_ever_built(monkeypatch):
+    """Every logits tensor the head makes has at most `chunk` rows: never [tokens x vocab]."""
+    model = _model("tiny-llama", "full")
+    batch = _batch()
+    vocab = model.get_output_embeddings().weight.shape[0]
+    rows = []
+    real_linear = loss_mod.F.linear
+
+    def spy(x, w, b=None):
+        out = real_linear(x, w, b)
+        if w.shape[0] == vocab:
+            rows.append(out.shape[0])
+        return out
+
+    monkeypatch.setattr(loss_mod.F, "linear", spy)
+    loss, n = compute_loss(model, batch, "causal-lm", chunk_size=8)
+    loss.backward()
+    assert n > 8 and rows and max(rows) <= 8 and sum(rows) == n
