@@ -41,8 +41,24 @@ def _setup_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
     return run_dir
 
 
+def physical_cores() -> int:
+    """Cores this process may use, counting hyper-threads once: a second thread on a core only slows matmuls."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        cores, phys = set(), None
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, val = line.partition(":")
+            if key.strip() == "physical id":
+                phys = val.strip()
+            elif key.strip() == "core id":
+                cores.add((phys, val.strip()))
+        return max(1, min(usable, len(cores) or usable))
+    except OSError:
+        return max(1, usable)
+
+
 def _set_threads(n: int | None) -> None:
-    torch.set_num_threads(n or max(1, (os.cpu_count() or 1)))
+    torch.set_num_threads(n or physical_cores())
 
 
 def prepare(cfg: RunConfig, log=print):
