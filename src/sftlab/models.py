@@ -41,6 +41,8 @@ _AUTO_CLASSES = {
 }
 
 SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
+# Alias for the quickstart's cached SmolLM2 directory (its path varies per machine).
+DEMO_MODEL = "smollm2-135m-instruct"
 
 
 def byte_tokenizer(model_max_length: int = 512) -> PreTrainedTokenizerFast:
@@ -142,7 +144,23 @@ def _is_gguf(name: str) -> bool:
     return name.lower().endswith(".gguf")
 
 
+def resolve_alias(name: str) -> str:
+    """`smollm2-135m-instruct` (unless a local path of that name exists) -> the quickstart cache dir, built on
+    first use; other names unchanged."""
+    if name != DEMO_MODEL or Path(name).exists():
+        return name
+    from .quickstart.demo_model import obtain_demo_model
+
+    path = obtain_demo_model(log=log.info)
+    if path is None:
+        raise FileNotFoundError(
+            f"model.name: {name!r}: the demo model could not be obtained (offline and not cached?)"
+        )
+    return str(path)
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    name = resolve_alias(name)
     if name in TINY_NAMES:
         return byte_tokenizer()
     if _is_gguf(name):
@@ -159,7 +177,9 @@ def load_model(
     trust_remote_code: bool = False,
     attn_implementation: str | None = "sdpa",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Return (model, tokenizer). `name` is a tiny name, a local directory, a .gguf file, or an HF id."""
+    """Return (model, tokenizer). `name` is a tiny name, a local directory, a .gguf file, an HF id, or the
+    `smollm2-135m-instruct` alias of the quickstart's demo model."""
+    name = resolve_alias(name)
     if task not in TASKS:
         raise ValueError(f"model.task: {task!r} is not one of {', '.join(TASKS)}")
     torch_dtype = _check_dtype(dtype)

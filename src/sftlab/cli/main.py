@@ -7,7 +7,7 @@ import importlib
 import os
 import sys
 
-SUBCOMMANDS = ["train", "eval", "generate", "merge", "convert"]
+SUBCOMMANDS = ["train", "eval", "generate", "merge", "convert", "quickstart"]
 
 
 def build_parser() -> argparse.ArgumentParser:
