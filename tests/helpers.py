@@ -1,12 +1,19 @@
-"""Small deterministic datasets written to disk, and a config builder, shared by loop and CLI tests."""
+"""Shared test helpers: small datasets on disk and a config builder (loop and CLI tests); tiny models, random
+batches and a few-step training loop (method tests)."""
 
 from __future__ import annotations
 
+import copy
 import json
 import random
+from functools import cache
 from pathlib import Path
 
+import torch
+
 from sftlab.config import build_config
+from sftlab.models import build_tiny
+from sftlab.train.loss import compute_loss
 
 WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "fish", "bird"]
 
@@ -98,3 +105,103 @@ def make_config(
         },
     }
     return build_config(raw)
+
+
+# ---- tiny models, random batches, a few training steps (method tests) ------------------------------------
+
+FAMILIES = [
+    ("tiny-llama", "causal-lm"),
+    ("tiny-gpt2", "causal-lm"),
+    ("tiny-bert", "seq-cls"),
+    ("tiny-t5", "seq2seq"),
+]
+PEFT_TASK = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM"}
+
+
+@cache
+def _built(name: str, task: str) -> torch.nn.Module:
+    return build_tiny(name, task, 2 if task == "seq-cls" else None)[0]
+
+
+def tiny_model(name: str, task: str) -> torch.nn.Module:
+    """A fresh copy of the seeded tiny model (eval mode). build_tiny forks the RNG, so a deepcopy of a cached build
+    is the same model and leaves the global RNG where a fresh build would, at a fraction of the cost."""
+    return copy.deepcopy(_built(name, task))
+
+
+def random_inputs(
+    task: str,
+    batch: int = 3,
+    seq: int = 9,
+    seed: int = 1,
+    pad: str | None = "right",
+    pad_id: int | None = None,
+    dec_len: int = 5,
+) -> dict[str, torch.Tensor]:
+    """Random byte ids (batch, seq); `pad` masks 3 positions of the last row on that side (ids set to pad_id when
+    given); seq2seq adds decoder_input_ids (batch, dec_len)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 260, (batch, seq), generator=g)
+    mask = torch.ones_like(ids)
+    if pad == "right":
+        mask[-1, -3:] = 0
+    elif pad == "left":
+        mask[-1, :3] = 0
+    if pad_id is not None:
+        ids = ids.masked_fill(mask == 0, pad_id)
+    out = {"input_ids": ids, "attention_mask": mask}
+    if task == "seq2seq":
+        out["decoder_input_ids"] = torch.randint(4, 260, (batch, dec_len), generator=g)
+    return out
+
+
+def with_labels(batch: dict[str, torch.Tensor], task: str) -> dict[str, torch.Tensor]:
+    """Add labels in place: causal LM every real token, seq-cls 0/1, seq2seq the decoder ids (moved to labels)."""
+    if task == "causal-lm":
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    elif task == "seq-cls":
+        batch["labels"] = torch.tensor([0, 1, 1, 0][: len(batch["input_ids"])])
+    else:
+        batch["labels"] = batch.pop("decoder_input_ids")
+    return batch
+
+
+@torch.no_grad()
+def logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(**batch).logits
+
+
+def adamw(model: torch.nn.Module, lr: float) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters only (frozen ones get no optimizer state)."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+
+
+def train_steps(
+    model: torch.nn.Module, batch: dict, task: str, steps: int, opt: torch.optim.Optimizer
+) -> list[float]:
+    """`steps` updates on one batch through sftlab.train.loss; the mean loss before each update."""
+    losses = []
+    for _ in range(steps):
+        loss_sum, n = compute_loss(model, batch, task)
+        loss = loss_sum / n
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@torch.no_grad()
+def mean_loss(model: torch.nn.Module, batch: dict, task: str) -> float:
+    loss_sum, n = compute_loss(model, batch, task)
+    return (loss_sum / n).item()
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of the state dict (parameters and persistent buffers), for `changed_keys`."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def changed_keys(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> set[str]:
+    """State-dict entries whose values differ from the snapshot `before`."""
+    return {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}

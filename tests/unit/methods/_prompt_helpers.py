@@ -5,19 +5,13 @@ from __future__ import annotations
 import copy
 
 import torch
+from helpers import random_inputs, with_labels
 
 from sftlab.methods import MethodContext, get_method
 from sftlab.models import build_tiny
 
-FAMILIES = [
-    ("tiny-llama", "causal-lm"),
-    ("tiny-gpt2", "causal-lm"),
-    ("tiny-bert", "seq-cls"),
-    ("tiny-t5", "seq2seq"),
-]
 GEN_FAMILIES = [("tiny-llama", "causal-lm"), ("tiny-gpt2", "causal-lm"), ("tiny-t5", "seq2seq")]
 METHODS = ["prefix", "ptuning", "prompt"]
-PEFT_TASK = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM"}
 
 
 def base(name: str, task: str):
@@ -48,29 +42,12 @@ def randomize(model: torch.nn.Module, std: float = 0.5, seed: int = 3) -> None:
 def inputs(
     task: str, batch: int = 3, seq: int = 7, seed: int = 1, pad: str = "right"
 ) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(4, 260, (batch, seq), generator=g)
-    mask = torch.ones_like(ids)
-    if pad == "right":
-        mask[-1, -3:] = 0
-    else:
-        mask[-1, :3] = 0
-    ids = ids.masked_fill(mask == 0, 0)
-    out = {"input_ids": ids, "attention_mask": mask}
-    if task == "seq2seq":
-        out["decoder_input_ids"] = torch.randint(4, 260, (batch, 4), generator=g)
-    return out
+    """One row padded on `pad`'s side with pad id 0; seq2seq decoder ids (batch, 4)."""
+    return random_inputs(task, batch, seq, seed, pad=pad, pad_id=0, dec_len=4)
 
 
 def train_batch(task: str) -> dict[str, torch.Tensor]:
-    b = inputs(task, batch=4, seq=10, seed=2)
-    if task == "causal-lm":
-        b["labels"] = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
-    elif task == "seq-cls":
-        b["labels"] = torch.tensor([0, 1, 1, 0])
-    else:
-        b["labels"] = b.pop("decoder_input_ids")
-    return b
+    return with_labels(inputs(task, batch=4, seq=10, seed=2), task)
 
 
 def left_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

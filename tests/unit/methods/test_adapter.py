@@ -5,33 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import FAMILIES, adamw, changed_keys, logits, snapshot, tiny_model, train_steps
 
 from sftlab.methods import MethodContext, get_method
 from sftlab.methods._targets import count_parameters
 from sftlab.methods.adapter import AdapterConfig, adapter_param_count, adapter_state_dict
-from sftlab.models import build_tiny
-from sftlab.train.loss import compute_loss
-
-FAMILIES = [
-    ("tiny-llama", "causal-lm"),
-    ("tiny-gpt2", "causal-lm"),
-    ("tiny-bert", "seq-cls"),
-    ("tiny-t5", "seq2seq"),
-]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: one thread is ~10x faster than two on a shared, loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny(name: str, task: str):
-    model, _ = build_tiny(name, task, num_labels=2 if task == "seq-cls" else None)
-    return model
 
 
 def fixed_batch(task: str) -> dict:
@@ -52,11 +30,6 @@ def fixed_batch(task: str) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def logits(model, batch: dict) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**batch).logits
-
-
 def apply_adapter(model, task: str, **kw) -> AdapterConfig:
     spec = get_method("adapter")
     cfg = spec.config(**kw)
@@ -67,7 +40,7 @@ def apply_adapter(model, task: str, **kw) -> AdapterConfig:
 @pytest.mark.parametrize("placement", ["houlsby", "pfeiffer"])
 @pytest.mark.parametrize("name,task", FAMILIES)
 def test_zero_up_init_keeps_base_outputs(name, task, placement):
-    model, batch = tiny(name, task), fixed_batch(task)
+    model, batch = tiny_model(name, task), fixed_batch(task)
     ref = logits(model, batch)
     apply_adapter(model, task, placement=placement, layer_norm=True, activation="gelu")
     assert count_parameters(model)[0] > 0
@@ -76,21 +49,13 @@ def test_zero_up_init_keeps_base_outputs(name, task, placement):
 
 @pytest.mark.parametrize("name,task", FAMILIES)
 def test_training_changes_only_adapter_tensors_and_loss_falls(name, task):
-    model, batch = tiny(name, task), fixed_batch(task)
+    model, batch = tiny_model(name, task), fixed_batch(task)
     apply_adapter(model, task, placement="houlsby", bottleneck_size=8)
-    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
-    losses = []
-    for _ in range(8):
-        loss_sum, n = compute_loss(model, batch, task)
-        loss = loss_sum / n
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    before = snapshot(model)
+    losses = train_steps(model, batch, task, 8, adamw(model, 3e-2))
     # Causal LMs plateau near 5.3 nats: the frozen random LM head of a tiny model bounds the logit range.
     assert losses[-1] < losses[0] - 0.2, losses
-    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    changed = changed_keys(model, before)
     assert changed, "nothing trained"
     assert all(".adapters.default." in k for k in changed), sorted(changed)
     ups = [k for k in changed if k.endswith("up.weight")]
@@ -102,7 +67,7 @@ def test_training_changes_only_adapter_tensors_and_loss_falls(name, task):
 @pytest.mark.parametrize("layer_norm", [False, True])
 @pytest.mark.parametrize("placement,n_points", [("houlsby", 4), ("pfeiffer", 2)])
 def test_trainable_count_matches_formula(placement, n_points, layer_norm):
-    model = tiny("tiny-llama", "causal-lm")
+    model = tiny_model("tiny-llama", "causal-lm")
     apply_adapter(
         model, "causal-lm", placement=placement, layer_norm=layer_norm
     )  # reduction 16: m = 64/16 = 4
@@ -112,11 +77,11 @@ def test_trainable_count_matches_formula(placement, n_points, layer_norm):
 
 
 def test_trainable_count_t5_and_bert_head():
-    t5 = tiny("tiny-t5", "seq2seq")
+    t5 = tiny_model("tiny-t5", "seq2seq")
     apply_adapter(t5, "seq2seq", placement="houlsby", bottleneck_size=8)
     # encoder: 2 blocks x (self-attn + FFN); decoder: 2 blocks x (self-attn + cross-attn + FFN)
     assert count_parameters(t5)[0] == adapter_param_count(64, 8, 10, False)
-    bert = tiny("tiny-bert", "seq-cls")
+    bert = tiny_model("tiny-bert", "seq-cls")
     apply_adapter(bert, "seq-cls", placement="pfeiffer", reduction_factor=8)
     assert count_parameters(bert)[0] == adapter_param_count(64, 8, 2, False) + (64 * 2 + 2)
 
@@ -129,7 +94,7 @@ def test_config_rejects_both_sizes():
 @pytest.mark.parametrize("activation,layer_norm", [("relu", False), ("silu", True)])
 def test_nonzero_adapter_matches_reference_hooks(activation, layer_norm):
     """h_out = h + W_up·act(W_down·LN(h)) at o_proj and down_proj outputs, written independently as hooks."""
-    model, ref_model = tiny("tiny-llama", "causal-lm"), tiny("tiny-llama", "causal-lm")
+    model, ref_model = tiny_model("tiny-llama", "causal-lm"), tiny_model("tiny-llama", "causal-lm")
     batch = fixed_batch("causal-lm")
     apply_adapter(model, "causal-lm", placement="houlsby", activation=activation, layer_norm=layer_norm)
     params = adapter_state_dict(model, "default")
@@ -156,4 +121,6 @@ def test_nonzero_adapter_matches_reference_hooks(activation, layer_norm):
     assert {k.split(".adapter.")[0] for k in params} == set(points)
     out, ref = logits(model, batch), logits(ref_model, batch)
     torch.testing.assert_close(out, ref)
-    assert (out - logits(tiny("tiny-llama", "causal-lm"), batch)).abs().max() > 1e-2  # the adapter does act
+    assert (
+        out - logits(tiny_model("tiny-llama", "causal-lm"), batch)
+    ).abs().max() > 1e-2  # the adapter does act

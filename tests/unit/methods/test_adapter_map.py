@@ -36,15 +36,6 @@ OTHER_ARCHS = [
 ]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: one thread is ~10x faster than two on a shared, loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("cls,cfg,n_attn,n_ffn", OTHER_ARCHS, ids=lambda v: getattr(v, "__name__", ""))
 def test_mapped_architectures_resolve_and_start_as_identity(cls, cfg, n_attn, n_ffn):
     torch.manual_seed(0)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from helpers import FAMILIES, adamw, logits, mean_loss, random_inputs, tiny_model, train_steps
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from sftlab.methods import MethodContext, get_method
@@ -22,42 +23,10 @@ from sftlab.methods.adapter import (
     set_adapter,
 )
 from sftlab.methods.adapter_map import find_insertion_points
-from sftlab.models import build_tiny
-from sftlab.train.loss import compute_loss
-
-FAMILIES = [
-    ("tiny-llama", "causal-lm"),
-    ("tiny-gpt2", "causal-lm"),
-    ("tiny-bert", "seq-cls"),
-    ("tiny-t5", "seq2seq"),
-]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: one thread is ~10x faster than two on a shared, loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny(name: str, task: str):
-    return build_tiny(name, task, num_labels=2 if task == "seq-cls" else None)[0]
 
 
 def inputs(task: str, rows: int = 3) -> dict:
-    g = torch.Generator().manual_seed(2)
-    ids = torch.randint(4, 260, (rows, 9), generator=g)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if task == "seq2seq":
-        batch["decoder_input_ids"] = torch.randint(4, 260, (rows, 5), generator=g)
-    return batch
-
-
-def logits(model, batch: dict) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**batch).logits
+    return random_inputs(task, rows, 9, seed=2, pad=None)
 
 
 def randomise(model, name: str, seed: int) -> None:
@@ -71,7 +40,7 @@ def randomise(model, name: str, seed: int) -> None:
 def test_save_then_load_into_fresh_base_gives_identical_logits(tmp_path, name, task):
     spec, ctx = get_method("adapter"), MethodContext(task=task, base_model_name=name)
     cfg = spec.config(placement="houlsby", layer_norm=True, activation="silu", bottleneck_size=6)
-    model, batch = tiny(name, task), inputs(task)
+    model, batch = tiny_model(name, task), inputs(task)
     spec.apply(model, cfg, ctx)
     randomise(model, "default", seed=0)
     want = logits(model, batch)
@@ -90,22 +59,22 @@ def test_save_then_load_into_fresh_base_gives_identical_logits(tmp_path, name, t
     assert keys == set(adapter_state_dict(model, "default"))  # adapter (+ head) tensors only, no base weights
     assert all(".adapter." in k or k.startswith("modules_to_save.") for k in keys)
 
-    via_contract = tiny(name, task)  # the run's reload path: apply, then load
+    via_contract = tiny_model(name, task)  # the run's reload path: apply, then load
     spec.apply(via_contract, cfg, ctx)
     spec.load(via_contract, cfg, tmp_path, ctx)
     torch.testing.assert_close(logits(via_contract, batch), want, rtol=0, atol=0)
 
-    bare = tiny(name, task)  # a bare base: the config comes from adapter_config.json
+    bare = tiny_model(name, task)  # a bare base: the config comes from adapter_config.json
     load_adapter(bare, tmp_path, name="task")
     torch.testing.assert_close(logits(bare, batch), want, rtol=0, atol=0)
 
 
 def test_load_onto_wrong_base_is_a_clear_error(tmp_path):
-    llama = tiny("tiny-llama", "causal-lm")
+    llama = tiny_model("tiny-llama", "causal-lm")
     add_adapter(llama, "a", AdapterConfig())
     save_adapter(llama, tmp_path, "a", base_model_name="tiny-llama")
     with pytest.raises(ValueError, match=r"model_type 'llama'.*model_type 'gpt2'"):
-        load_adapter(tiny("tiny-gpt2", "causal-lm"), tmp_path)
+        load_adapter(tiny_model("tiny-gpt2", "causal-lm"), tmp_path)
     wide = LlamaForCausalLM(
         LlamaConfig(
             vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
@@ -123,22 +92,11 @@ def _task_batch(text: str) -> dict:
 
 def _train(model, name: str, batch: dict, steps: int = 10) -> None:
     set_adapter(model, name)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
-    for _ in range(steps):
-        loss_sum, n = compute_loss(model, batch, "causal-lm")
-        opt.zero_grad()
-        (loss_sum / n).backward()
-        opt.step()
-
-
-def _loss(model, batch: dict) -> float:
-    with torch.no_grad():
-        loss_sum, n = compute_loss(model, batch, "causal-lm")
-    return (loss_sum / n).item()
+    train_steps(model, batch, "causal-lm", steps, adamw(model, 3e-2))
 
 
 def test_two_task_adapters_keep_their_own_behaviour(tmp_path):
-    model = tiny("tiny-llama", "causal-lm")
+    model = tiny_model("tiny-llama", "causal-lm")
     base_a, base_b = _task_batch("abababababababab"), _task_batch("the cat sat down")
     probe = inputs("causal-lm")
     base_logits = logits(model, probe)
@@ -147,9 +105,9 @@ def test_two_task_adapters_keep_their_own_behaviour(tmp_path):
     _train(model, "a", base_a)
     _train(model, "b", base_b)
     set_adapter(model, "a")
-    la = (_loss(model, base_a), _loss(model, base_b), logits(model, probe))
+    la = (mean_loss(model, base_a, "causal-lm"), mean_loss(model, base_b, "causal-lm"), logits(model, probe))
     set_adapter(model, "b")
-    lb = (_loss(model, base_a), _loss(model, base_b), logits(model, probe))
+    lb = (mean_loss(model, base_a, "causal-lm"), mean_loss(model, base_b, "causal-lm"), logits(model, probe))
     assert la[0] < lb[0] - 0.05 and lb[1] < la[1] - 0.05  # each adapter is better on its own task
     disable_adapters(model)
     torch.testing.assert_close(logits(model, probe), base_logits, rtol=0, atol=0)
@@ -157,7 +115,7 @@ def test_two_task_adapters_keep_their_own_behaviour(tmp_path):
     torch.testing.assert_close(logits(model, probe), la[2], rtol=0, atol=0)
     save_adapter(model, tmp_path / "a", "a")
     save_adapter(model, tmp_path / "b", "b")
-    fresh = tiny("tiny-llama", "causal-lm")  # each saved separately, each reloads to its own behaviour
+    fresh = tiny_model("tiny-llama", "causal-lm")  # each saved separately, each reloads to its own behaviour
     load_adapter(fresh, tmp_path / "b", "b")
     load_adapter(fresh, tmp_path / "a", "a")
     assert active_adapter(fresh) == "a"
@@ -174,7 +132,7 @@ def test_two_task_adapters_keep_their_own_behaviour(tmp_path):
     "name,task", [("tiny-llama", "causal-lm"), ("tiny-bert", "seq-cls"), ("tiny-t5", "seq2seq")]
 )
 def test_mixed_batch_equals_each_row_alone(name, task):
-    model, batch = tiny(name, task), inputs(task, rows=4)
+    model, batch = tiny_model(name, task), inputs(task, rows=4)
     for i, n in enumerate(("a", "b")):
         add_adapter(model, n, AdapterConfig(placement="houlsby", bottleneck_size=4), task=task)
         randomise(model, n, seed=i)  # for seq-cls this includes each adapter's own classifier copy
@@ -189,7 +147,7 @@ def test_mixed_batch_equals_each_row_alone(name, task):
 
 
 def test_per_row_gradients_reach_only_that_rows_adapter():
-    model, batch = tiny("tiny-llama", "causal-lm"), inputs("causal-lm", rows=3)
+    model, batch = tiny_model("tiny-llama", "causal-lm"), inputs("causal-lm", rows=3)
     for i, n in enumerate(("a", "b")):
         add_adapter(model, n, AdapterConfig(bottleneck_size=4))
         randomise(model, n, seed=i)  # non-zero W_up so W_down gets gradient too
@@ -217,7 +175,7 @@ def test_per_row_gradients_reach_only_that_rows_adapter():
 
 
 def test_per_row_rejects_wrong_row_count_and_unknown_names():
-    model, batch = tiny("tiny-llama", "causal-lm"), inputs("causal-lm", rows=3)
+    model, batch = tiny_model("tiny-llama", "causal-lm"), inputs("causal-lm", rows=3)
     add_adapter(model, "a", AdapterConfig())
     with pytest.raises(KeyError, match="no adapter named 'zzz'"):
         with adapter_per_row(model, ["a", "zzz", "a"]):
@@ -229,10 +187,7 @@ def test_per_row_rejects_wrong_row_count_and_unknown_names():
 
 
 def test_disable_adapters_as_context_manager_restores_routing():
-    from sftlab.methods.adapter import AdapterConfig, add_adapter, set_adapter
-    from sftlab.models import build_tiny
-
-    model, _ = build_tiny("tiny-llama")
+    model = tiny_model("tiny-llama", "causal-lm")
     ids = torch.randint(4, 200, (2, 12))
     base = model(ids).logits
     add_adapter(model, "a", AdapterConfig(name="adapter"))
@@ -246,8 +201,6 @@ def test_disable_adapters_as_context_manager_restores_routing():
     with disable_adapters(model):
         torch.testing.assert_close(model(ids).logits, base, rtol=0, atol=0)
     torch.testing.assert_close(model(ids).logits, tuned, rtol=0, atol=0)
-    from sftlab.methods.adapter import adapter_per_row
-
     with adapter_per_row(model, ["a", "__base__"]):
         mixed = model(ids).logits
     torch.testing.assert_close(mixed[0], tuned[0])

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _lora_helpers import FAMILIES, inputs, logits, tiny, train_batch
+from _lora_helpers import inputs, train_batch
+from helpers import FAMILIES, adamw, changed_keys, logits, snapshot, tiny_model, train_steps
 from pydantic import ValidationError
 from torch.testing import assert_close
 
 from sftlab.methods import MethodContext, get_method
 from sftlab.methods._targets import count_parameters
 from sftlab.methods.lora import LoraConfig, LoraLayer, add_adapter, lora_config_from_peft, lora_layers
-from sftlab.train.loss import compute_loss
 
 LORA = get_method("lora")
 INITS = {
@@ -25,7 +25,7 @@ INITS = {
 @pytest.mark.parametrize("init", list(INITS))
 @pytest.mark.parametrize("name,task", FAMILIES)
 def test_step0_logits_equal_base(name, task, init):
-    base, model = tiny(name, task), tiny(name, task)
+    base, model = tiny_model(name, task), tiny_model(name, task)
     LORA.apply(model, LoraConfig(r=4, **INITS[init]), MethodContext(task=task))
     assert len(list(lora_layers(model))) > 0
     x = inputs(task)
@@ -37,32 +37,22 @@ def test_step0_logits_equal_base(name, task, init):
 
 @pytest.mark.parametrize("name,task", FAMILIES)
 def test_training_changes_only_adapter_params_and_loss_falls(name, task):
-    model = tiny(name, task)
+    model = tiny_model(name, task)
     LORA.apply(model, LoraConfig(r=4, alpha=8, use_dora=(name == "tiny-gpt2")), MethodContext(task=task))
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    before = snapshot(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(("lora_" in n) or (".modules_to_save." in n) for n in trainable)
     if task == "seq-cls":
         assert any("classifier.modules_to_save.default" in n for n in trainable)  # the fresh head trains
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    batch = train_batch(task)
+    opt = adamw(model, 1e-2)
     model.train()
-    losses = []
-    for _ in range(6):
-        loss_sum, n = compute_loss(model, batch, task)
-        loss = loss_sum / n
-        opt.zero_grad()
-        loss.backward()
-        if not losses:
-            assert all(p.grad is None for n_, p in model.named_parameters() if n_ not in trainable)
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(model, train_batch(task), task, 6, opt)
     assert losses[-1] < losses[0] - 0.05, losses
-    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    changed = changed_keys(model, before)
     assert changed <= trainable
     assert any("lora_B" in n for n in changed)
     frozen = [p for n, p in model.named_parameters() if n not in trainable]
-    assert all(p.grad is None for p in frozen)
+    assert all(p.grad is None for p in frozen)  # never set: no gradient ever reached the frozen base
     assert not any(id(p) in opt.state for p in frozen)  # no optimizer state for the frozen base
 
 
@@ -119,7 +109,7 @@ def test_conv1d_update_matches_transposed_weight():
 
 
 def test_unsupported_target_type_lists_targetable_names():
-    model = tiny("tiny-llama", "causal-lm")
+    model = tiny_model("tiny-llama", "causal-lm")
     with pytest.raises(ValueError, match="Embedding") as e:
         add_adapter(model, "default", LoraConfig(target_modules=["embed_tokens"]))
     for name in ("q_proj", "v_proj", "gate_proj", "down_proj"):
@@ -131,13 +121,13 @@ def test_unsupported_target_type_lists_targetable_names():
 
 
 def test_target_modules_regex_and_all_linear_exclude_head():
-    model = tiny("tiny-llama", "causal-lm")
+    model = tiny_model("tiny-llama", "causal-lm")
     add_adapter(model, "re", LoraConfig(r=2, target_modules=r".*layers\.1\.mlp\.(up|down)_proj"))
     assert sorted(p for p, _ in lora_layers(model)) == [
         "model.layers.1.mlp.down_proj",
         "model.layers.1.mlp.up_proj",
     ]
-    model = tiny("tiny-gpt2", "causal-lm")
+    model = tiny_model("tiny-gpt2", "causal-lm")
     add_adapter(model, "all", LoraConfig(r=2, target_modules="all-linear"))
     paths = [p for p, _ in lora_layers(model)]
     assert "lm_head" not in paths and len(paths) == 2 * 4  # c_attn, c_proj, c_fc, mlp.c_proj per block
@@ -184,7 +174,7 @@ def test_lora_config_from_peft():
 
 def test_trainable_count_matches_formula_and_adapter_is_small(tmp_path):
     """tiny-llama, r=8 on q_proj, v_proj: sum over modules of r*(d_in + d_out)."""
-    model = tiny("tiny-llama", "causal-lm")
+    model = tiny_model("tiny-llama", "causal-lm")
     LORA.apply(model, LoraConfig(r=8), MethodContext(task="causal-lm"))
     c = model.config
     d_kv = c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)

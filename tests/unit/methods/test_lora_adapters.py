@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 import torch
-from _lora_helpers import inputs, logits, randomize, tiny
+from _lora_helpers import inputs, randomize
+from helpers import logits, tiny_model
 from torch.testing import assert_close
 
 from sftlab.methods import MethodContext, get_method
@@ -27,7 +28,7 @@ from sftlab.methods.lora import (
 
 
 def _two_adapters(name: str, task: str):
-    model = tiny(name, task)
+    model = tiny_model(name, task)
     add_adapter(model, "a", LoraConfig(r=4), task=task)
     add_adapter(model, "b", LoraConfig(r=2, use_dora=True, target_modules="all-linear"), task=task)
     for seed, adapter in ((3, "a"), (4, "b")):
@@ -57,7 +58,7 @@ def test_switch_adapters_and_only_active_trains():
 
 
 def test_disable_gives_exact_base_outputs_even_after_merge():
-    base = tiny("tiny-bert", "seq-cls")
+    base = tiny_model("tiny-bert", "seq-cls")
     model = _two_adapters("tiny-bert", "seq-cls")
     x = inputs("seq-cls")
     ref = logits(base, x)
@@ -88,8 +89,8 @@ def test_mixed_batch_equals_each_row_alone():
 
 
 def test_delete_adapter_restores_plain_modules():
-    base = tiny("tiny-llama", "causal-lm")
-    model = tiny("tiny-llama", "causal-lm")
+    base = tiny_model("tiny-llama", "causal-lm")
+    model = tiny_model("tiny-llama", "causal-lm")
     add_adapter(model, "p", LoraConfig(r=4, init="pissa"))
     add_adapter(model, "q", LoraConfig(r=4, target_modules=["k_proj"]))
     delete_adapter(model, "p")  # PiSSA put part of W into A0/B0: deleting puts it back
@@ -105,7 +106,7 @@ def test_method_save_load_round_trip(tmp_path):
     spec = get_method("lora")
     ctx = MethodContext(task="seq-cls", base_model_name="tiny-bert")
     cfg = spec.config(r=4, alpha=8, use_dora=True)
-    model = tiny("tiny-bert", "seq-cls")
+    model = tiny_model("tiny-bert", "seq-cls")
     spec.apply(model, cfg, ctx)
     randomize(model)
     spec.save(model, cfg, tmp_path, ctx)
@@ -116,7 +117,7 @@ def test_method_save_load_round_trip(tmp_path):
         and conf["modules_to_save"] == ["classifier"]
     )
     assert conf["base_model_name_or_path"] == "tiny-bert" and conf["target_modules"] == ["query", "value"]
-    fresh = tiny("tiny-bert", "seq-cls")
+    fresh = tiny_model("tiny-bert", "seq-cls")
     spec.apply(fresh, cfg, ctx)
     spec.load(fresh, cfg, tmp_path, ctx)
     x = inputs("seq-cls")
@@ -127,11 +128,11 @@ def test_pissa_round_trip_through_method_files(tmp_path):
     ctx = MethodContext(task="causal-lm")
     cfg = LoraConfig(r=4, init="pissa")
     spec = get_method("lora")
-    model = tiny("tiny-llama", "causal-lm")
+    model = tiny_model("tiny-llama", "causal-lm")
     spec.apply(model, cfg, ctx)
     randomize(model, keys=("lora_A", "lora_B"), std=0.05)
     spec.save(model, cfg, tmp_path, ctx)
-    fresh = tiny("tiny-llama", "causal-lm")
+    fresh = tiny_model("tiny-llama", "causal-lm")
     spec.apply(
         fresh, cfg, ctx
     )  # PiSSA again on the fresh base, then load swaps in the converted rank-8 adapter
@@ -147,6 +148,6 @@ def test_second_named_adapter_saved_and_loaded_by_name(tmp_path):
     set_adapter(model, "b")
     x = inputs("causal-lm")
     ref = logits(model, x)
-    fresh = tiny("tiny-gpt2", "causal-lm")
+    fresh = tiny_model("tiny-gpt2", "causal-lm")
     load_peft_adapter(fresh, tmp_path, name="b")
     assert_close(logits(fresh, x), ref)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _lora_helpers import inputs, logits, randomize, tiny
+from _lora_helpers import inputs, randomize
+from helpers import logits, tiny_model
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoModelForSequenceClassification
 
@@ -33,7 +34,7 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("variant", [{}, {"use_dora": True}, {"use_rslora": True, "init": "pissa"}])
 @pytest.mark.parametrize("name,task", [("tiny-llama", "causal-lm"), ("tiny-gpt2", "causal-lm")])
 def test_merge_matches_unmerged_and_unmerge_restores_weights(name, task, variant):
-    model = tiny(name, task)
+    model = tiny_model(name, task)
     add_adapter(model, "default", LoraConfig(r=4, alpha=8, **variant), task=task)
     randomize(model)
     x = inputs(task)
@@ -59,7 +60,7 @@ def test_merge_matches_unmerged_and_unmerge_restores_weights(name, task, variant
     ],
 )
 def test_merge_and_unload_saves_a_plain_model_that_reloads(tmp_path, name, task, variant):
-    model = tiny(name, task)
+    model = tiny_model(name, task)
     add_adapter(model, "default", LoraConfig(r=4, alpha=8, **variant), task=task)
     randomize(model)  # includes the seq-cls head's trained copy
     x = inputs(task)
@@ -71,4 +72,6 @@ def test_merge_and_unload_saves_a_plain_model_that_reloads(tmp_path, name, task,
     plain.save_pretrained(tmp_path)
     reloaded = AUTO[task].from_pretrained(tmp_path).eval()
     assert_close(logits(reloaded, x), ref, rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(logits(tiny(name, task), x), ref, atol=1e-3)  # the merge changed the model
+    assert not torch.allclose(
+        logits(tiny_model(name, task), x), ref, atol=1e-3
+    )  # the merge changed the model

@@ -6,7 +6,8 @@ import json
 
 import pytest
 import torch
-from _lora_helpers import FAMILIES, PEFT_TASK, inputs, logits, randomize, tiny
+from _lora_helpers import inputs, randomize
+from helpers import FAMILIES, PEFT_TASK, logits, tiny_model
 from torch.testing import assert_close
 
 from sftlab.methods.lora import LoraConfig, add_adapter, load_peft_adapter, lora_layers, save_adapter
@@ -21,7 +22,7 @@ VARIANTS = {"plain": {}, "rslora": {"use_rslora": True}, "dora": {"use_dora": Tr
 def test_peft_saved_adapter_loads_with_same_logits_and_back(tmp_path, name, task, variant):
     # PEFT builds and saves an adapter with a non-zero update.
     pcfg = peft.LoraConfig(task_type=PEFT_TASK[task], r=4, lora_alpha=12, **VARIANTS[variant])
-    pm = peft.get_peft_model(tiny(name, task), pcfg)
+    pm = peft.get_peft_model(tiny_model(name, task), pcfg)
     randomize(pm)
     pm.eval()
     x = inputs(task)
@@ -29,26 +30,28 @@ def test_peft_saved_adapter_loads_with_same_logits_and_back(tmp_path, name, task
     pm.save_pretrained(tmp_path / "peft")
 
     # sftlab loads PEFT's files onto a fresh base: same logits.
-    ours = tiny(name, task)
+    ours = tiny_model(name, task)
     cfg = load_peft_adapter(ours, tmp_path / "peft")
     assert cfg.use_dora == (variant == "dora") and cfg.use_rslora == (variant == "rslora")
     assert_close(logits(ours, x), ref)
-    assert not torch.allclose(logits(tiny(name, task), x), ref, atol=1e-3)  # the update is really non-zero
+    assert not torch.allclose(
+        logits(tiny_model(name, task), x), ref, atol=1e-3
+    )  # the update is really non-zero
 
     # sftlab saves; PEFT loads those files onto a fresh base: same logits again.
     save_adapter(ours, tmp_path / "ours")
-    back = peft.PeftModel.from_pretrained(tiny(name, task), tmp_path / "ours").eval()
+    back = peft.PeftModel.from_pretrained(tiny_model(name, task), tmp_path / "ours").eval()
     assert_close(logits(back, x), ref)
 
 
 @pytest.mark.parametrize("name,task", [("tiny-llama", "causal-lm"), ("tiny-gpt2", "causal-lm")])
 def test_same_tensors_same_logits_as_peft_layers(name, task):
     """Copy sftlab's A/B/m into a PEFT model made by get_peft_model (no files involved)."""
-    ours = tiny(name, task)
+    ours = tiny_model(name, task)
     add_adapter(ours, "default", LoraConfig(r=4, alpha=8, use_dora=True), task=task)
     randomize(ours)
     pm = peft.get_peft_model(
-        tiny(name, task), peft.LoraConfig(task_type=PEFT_TASK[task], r=4, lora_alpha=8, use_dora=True)
+        tiny_model(name, task), peft.LoraConfig(task_type=PEFT_TASK[task], r=4, lora_alpha=8, use_dora=True)
     ).eval()
     mods = dict(pm.base_model.model.named_modules())
     with torch.no_grad():
@@ -63,7 +66,7 @@ def test_same_tensors_same_logits_as_peft_layers(name, task):
 
 @pytest.mark.parametrize("name,task", [("tiny-llama", "causal-lm"), ("tiny-gpt2", "causal-lm")])
 def test_pissa_saved_converted_loads_in_peft_on_unmodified_base(tmp_path, name, task):
-    ours = tiny(name, task)
+    ours = tiny_model(name, task)
     add_adapter(
         ours, "default", LoraConfig(r=4, alpha=8, init="pissa", use_dora=(name == "tiny-gpt2")), task=task
     )
@@ -72,16 +75,16 @@ def test_pissa_saved_converted_loads_in_peft_on_unmodified_base(tmp_path, name, 
     save_adapter(ours, tmp_path)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["r"] == 8 and cfg["lora_alpha"] == 16 and cfg["init_lora_weights"] is True
-    back = peft.PeftModel.from_pretrained(tiny(name, task), tmp_path).eval()
+    back = peft.PeftModel.from_pretrained(tiny_model(name, task), tmp_path).eval()
     assert_close(logits(back, x), logits(ours, x), rtol=1e-4, atol=1e-5)
 
 
 def test_all_linear_target_spec_reads_back_in_peft(tmp_path):
-    ours = tiny("tiny-bert", "seq-cls")
+    ours = tiny_model("tiny-bert", "seq-cls")
     add_adapter(ours, "default", LoraConfig(r=2, target_modules="all-linear"), task="seq-cls")
     randomize(ours)
     save_adapter(ours, tmp_path)
-    back = peft.PeftModel.from_pretrained(tiny("tiny-bert", "seq-cls"), tmp_path).eval()
+    back = peft.PeftModel.from_pretrained(tiny_model("tiny-bert", "seq-cls"), tmp_path).eval()
     n_peft = sum(1 for n, _ in back.named_modules() if n.endswith("lora_A.default"))
     assert (
         n_peft == len(list(lora_layers(ours))) == 13
@@ -94,7 +97,7 @@ def test_resized_embeddings_saved_with_adapter_load_in_peft(tmp_path):
     """Added tokens (PEFT #1457): the resized embedding and head train in full and travel with the adapter."""
 
     def resized():
-        m = tiny("tiny-llama", "causal-lm")
+        m = tiny_model("tiny-llama", "causal-lm")
         m.resize_token_embeddings(270)  # 10 new tokens, randomly initialised differently each time
         return m
 

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from _prompt_helpers import FAMILIES, PEFT_TASK, applied, base, inputs, randomize, real_positions
+from _prompt_helpers import applied, base, inputs, randomize, real_positions
+from helpers import FAMILIES, PEFT_TASK
 from torch.testing import assert_close
 
 from sftlab.methods import _kv_seam

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _prompt_helpers import FAMILIES, GEN_FAMILIES, METHODS, applied, left_padded, randomize
+from _prompt_helpers import GEN_FAMILIES, METHODS, applied, left_padded, randomize
+from helpers import FAMILIES
 from torch.testing import assert_close
 
 ROWS = [[40, 41, 42, 43, 44], [50, 51], [60, 61, 62]]

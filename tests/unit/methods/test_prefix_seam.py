@@ -6,7 +6,8 @@ import inspect
 
 import pytest
 import torch
-from _prompt_helpers import FAMILIES, applied, base, inputs
+from _prompt_helpers import applied, base, inputs
+from helpers import FAMILIES
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 

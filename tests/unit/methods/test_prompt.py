@@ -6,7 +6,8 @@ import copy
 
 import pytest
 import torch
-from _prompt_helpers import FAMILIES, PEFT_TASK, applied, inputs, randomize, real_positions
+from _prompt_helpers import applied, inputs, randomize, real_positions
+from helpers import FAMILIES, PEFT_TASK
 from pydantic import ValidationError
 from torch.testing import assert_close
 

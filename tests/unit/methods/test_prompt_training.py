@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _prompt_helpers import FAMILIES, METHODS, applied, inputs, randomize, train_batch
+from _prompt_helpers import METHODS, applied, inputs, randomize, train_batch
+from helpers import FAMILIES, adamw, changed_keys, snapshot, train_steps
 from torch.testing import assert_close
 
 from sftlab.methods import get_method
-from sftlab.train.loss import compute_loss
 
 EXTRA = {
     "prefix": {"reparameterize": True, "prefix_hidden": 16},
@@ -33,27 +33,17 @@ def test_loss_falls_and_only_method_parameters_change(name, task, method):
     pooled_prompt = task == "seq-cls" and method != "prefix"
     if pooled_prompt:
         _sharpen_bert_attention(tuned)
-    before = {n: p.detach().clone() for n, p in tuned.named_parameters()}
+    before = snapshot(tuned)
     trainable = {n for n, p in tuned.named_parameters() if p.requires_grad}
     own = {n for n in trainable if n.startswith(("sftlab_prefix.", "sftlab_prompt."))}
     heads = {n for n in trainable if n.startswith("classifier.")}
     assert own and trainable == own | heads and bool(heads) == (task == "seq-cls")
 
-    batch = train_batch(task)
     lr, drop = (0.01, 0.003) if pooled_prompt else (0.1, 0.04)
-    opt = torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad], lr=lr)
-    losses = []
-    for _ in range(12):  # eval mode (no dropout): every change in the loss comes from the updates
-        loss_sum, n = compute_loss(tuned, batch, task)
-        loss = loss_sum / n
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    # eval mode (no dropout): every change in the loss comes from the updates
+    losses = train_steps(tuned, train_batch(task), task, 12, adamw(tuned, lr))
     assert losses[-1] < losses[0] - drop, losses
-    for n, p in tuned.named_parameters():
-        changed = not torch.equal(p.detach(), before[n])
-        assert changed == (n in trainable), n
+    assert changed_keys(tuned, before) == trainable
 
 
 @pytest.mark.parametrize("method", METHODS)
