@@ -2,7 +2,7 @@
 saves, reloads from the run directory to exactly the trained model (same eval loss), and generates."""
 
 import pytest
-from helpers import make_config
+from helpers import FAMILIES, make_config
 
 from sftlab.eval.evaluate import evaluate
 from sftlab.generate import generate
@@ -18,12 +18,6 @@ METHODS = {
     "ptuning": {"num_virtual_tokens": 4, "encoder": "mlp"},
     "prompt": {"num_virtual_tokens": 4},
 }
-FAMILIES = [
-    ("tiny-llama", "causal-lm"),
-    ("tiny-gpt2", "causal-lm"),
-    ("tiny-bert", "seq-cls"),
-    ("tiny-t5", "seq2seq"),
-]
 
 
 @pytest.mark.parametrize("method", list(METHODS))

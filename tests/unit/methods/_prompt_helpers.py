@@ -50,11 +50,16 @@ def train_batch(task: str) -> dict[str, torch.Tensor]:
     return with_labels(inputs(task, batch=4, seq=10, seed=2), task)
 
 
-def left_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def padded(rows: list[list[int]], side: str = "left") -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) of variable-length rows padded with id 0 on `side`."""
     n = max(map(len, rows))
-    ids = torch.tensor([[0] * (n - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (n - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
+    pads = [[0] * (n - len(r)) for r in rows]
+    ids = [p + r if side == "left" else r + p for p, r in zip(pads, rows)]
+    mask = [
+        [0] * len(p) + [1] * len(r) if side == "left" else [1] * len(r) + [0] * len(p)
+        for p, r in zip(pads, rows)
+    ]
+    return torch.tensor(ids), torch.tensor(mask)
 
 
 def real_positions(logits: torch.Tensor, batch: dict, task: str) -> torch.Tensor:

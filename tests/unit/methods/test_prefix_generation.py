@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _prompt_helpers import GEN_FAMILIES, METHODS, applied, left_padded, randomize
+from _prompt_helpers import GEN_FAMILIES, METHODS, applied, padded, randomize
 from helpers import FAMILIES
 from torch.testing import assert_close
 
@@ -60,7 +60,7 @@ def _manual_greedy(model, ids, mask, seq2seq: bool) -> torch.Tensor:
 def test_cached_generation_equals_uncached_and_single_rows(name, task, method):
     model, tuned, _, _ = applied(name, task, method)
     randomize(tuned, std=1.0)
-    ids, mask = left_padded(ROWS)
+    ids, mask = padded(ROWS)
     tokens, scores = _generate(tuned, ids, mask)
     tokens_nc, scores_nc = _generate(tuned, ids, mask, use_cache=False)
     assert torch.equal(tokens, tokens_nc)
@@ -74,17 +74,6 @@ def test_cached_generation_equals_uncached_and_single_rows(name, task, method):
     assert (base_scores - scores).abs().max() > 1e-2  # the method really changed the model
 
 
-def _pad(rows, side: str):
-    n = max(map(len, rows))
-    pads = [[0] * (n - len(r)) for r in rows]
-    ids = [p + r if side == "left" else r + p for p, r in zip(pads, rows)]
-    mask = [
-        [0] * len(p) + [1] * len(r) if side == "left" else [1] * len(r) + [0] * len(p)
-        for p, r in zip(pads, rows)
-    ]
-    return torch.tensor(ids), torch.tensor(mask)
-
-
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("name,task", FAMILIES)
 def test_padded_forward_equals_single_rows(name, task, method):
@@ -92,7 +81,7 @@ def test_padded_forward_equals_single_rows(name, task, method):
     _, tuned, _, _ = applied(name, task, method)
     randomize(tuned, std=1.0)
     side = "right" if task == "seq-cls" else "left"
-    ids, mask = _pad(ROWS, side)
+    ids, mask = padded(ROWS, side)
     extra = {"decoder_input_ids": torch.tensor([[0, 7, 8]] * len(ROWS))} if task == "seq2seq" else {}
     with torch.no_grad():
         batch = tuned(input_ids=ids, attention_mask=mask, **{k: v for k, v in extra.items()}).logits
