@@ -125,6 +125,18 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _wrapped(
+    model: nn.Module, path: str, cls: type[LoraLayer] | type[SavedModule], active: str | None
+) -> LoraLayer | SavedModule:
+    """The wrapper of type `cls` at `path`, wrapping the plain module there on first use (following `active`)."""
+    mod = model.get_submodule(path)
+    if not isinstance(mod, cls):
+        mod = cls(mod)
+        mod.active = active
+        _replace(model, path, mod)
+    return mod
+
+
 def add_adapter(model: nn.Module, name: str, cfg: LoraConfig, task: str = "causal-lm") -> None:
     """Add adapter `name` (LoRA layers + modules_to_save copies). The first adapter added becomes active."""
     if not _NAME_RE.match(name) or name == BASE:
@@ -145,19 +157,9 @@ def add_adapter(model: nn.Module, name: str, cfg: LoraConfig, task: str = "causa
     exclude = save_paths + task_head_modules(model, task) + ([out_head] if out_head else [])
     paths, spec = resolve_targets(model, cfg, exclude)
     for path in paths:
-        layer = model.get_submodule(path)
-        if not isinstance(layer, LoraLayer):
-            layer = LoraLayer(layer)
-            layer.active = st.active
-            _replace(model, path, layer)
-        layer.add_adapter(name, cfg)
+        _wrapped(model, path, LoraLayer, st.active).add_adapter(name, cfg)
     for path in save_paths:
-        mod = model.get_submodule(path)
-        if not isinstance(mod, SavedModule):
-            mod = SavedModule(mod)
-            mod.active = st.active
-            _replace(model, path, mod)
-        mod.add_adapter(name)
+        _wrapped(model, path, SavedModule, st.active).add_adapter(name)
     st.configs[name], st.targets[name], st.saved[name], st.target_spec[name] = cfg, paths, save_paths, spec
     st.task[name] = task
     set_adapter(model, st.active or name)
