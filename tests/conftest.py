@@ -26,11 +26,3 @@ def shared_dir() -> Path:
     if not (SHARED / "data").is_dir():
         pytest.skip("../shared/data is not present")
     return SHARED
-
-
-TINY_FAMILIES = [
-    ("tiny-llama", "causal-lm"),
-    ("tiny-gpt2", "causal-lm"),
-    ("tiny-bert", "seq-cls"),
-    ("tiny-t5", "seq2seq"),
-]
