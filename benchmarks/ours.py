@@ -78,20 +78,26 @@ def main(argv: list[str] | None = None) -> int:
     trainable, total = count_parameters(model)
     examples = encoded_examples(args.examples, 32000, args.max_length, args.seed)
 
-    stats: dict[str, list] = {"real": [], "loss_tok": [], "tensor": [], "t_end": []}
+    stats: dict[str, list] = {"real": [], "loss_tok": [], "tensor": [], "passes": [], "t_end": [], "cpu": []}
 
     class Clocked(Trainer):
         def train_step(self, micro):
-            for b in micro:
-                ids = b["input_ids"]
-                stats["real"].append(int(b["attention_mask"].sum()) if "attention_mask" in b else ids.numel())
-                stats["tensor"].append(ids.numel())
-                stats["loss_tok"].append(int((b["labels"][:, 1:] != -100).sum()))
+            # one entry per optimizer step (a step may run several micro-batches: grad_accum, micro_batch_tokens)
+            real = sum(
+                int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                for b in micro
+            )
+            stats["real"].append(real)
+            stats["tensor"].append(sum(b["input_ids"].numel() for b in micro))
+            stats["loss_tok"].append(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro))
+            stats["passes"].append(len(micro))
             return super().train_step(micro)
 
         def _optimizer_step(self):
             g = super()._optimizer_step()
             stats["t_end"].append(time.perf_counter())
+            ru = resource.getrusage(resource.RUSAGE_SELF)
+            stats["cpu"].append((ru.ru_utime, ru.ru_stime, ru.ru_minflt))
             return g
 
     overrides = _parse_sets(args.set)
@@ -112,19 +118,24 @@ def main(argv: list[str] | None = None) -> int:
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     w, n = args.warmup, args.steps
-    ga = tcfg.grad_accum
     t_end = stats["t_end"]
     meas_s = t_end[-1] - (t_end[w - 1] if w > 0 else t1)
-    real, loss_tok, tensor = (sum(stats[k][w * ga :]) for k in ("real", "loss_tok", "tensor"))
+    real, loss_tok, tensor = (sum(stats[k][w:]) for k in ("real", "loss_tok", "tensor"))
     step_s = [b - a for a, b in zip(t_end[w - 1 : -1], t_end[w:])] if w > 0 else []
     flops_per_tok = wl["flop_factor"] * n_flop
+    # CPU seconds and minor page faults over the measured steps: user (compute) vs sys (mostly page faults)
+    c0 = stats["cpu"][w - 1] if w > 0 else (0.0, 0.0, 0)
+    cpu = [b - a for a, b in zip(c0, stats["cpu"][-1])]
     res = {
         "side": "sftlab", "workload": args.workload, "variant": "sftlab-" + wl["method"], "steps": n, "warmup": w,
         "batch": args.batch, "threads": torch.get_num_threads(), "attn": args.attn, "overrides": overrides,
         "packing": trainer.packing, "max_tokens": tcfg.max_tokens, "fused_loss": tcfg.fused_loss,
+        "micro_batch_tokens": tcfg.micro_batch_tokens, "passes_per_step": stats["passes"][w:],
         "tokens_per_s": round(real / meas_s, 1), "loss_tokens_per_s": round(loss_tok / meas_s, 1),
         "s_per_step": round(meas_s / n, 3), "s_per_step_min": round(min(step_s), 3) if step_s else None,
         "s_per_step_max": round(max(step_s), 3) if step_s else None,
+        "cpu_user_s_per_step": round(cpu[0] / n, 3), "cpu_sys_s_per_step": round(cpu[1] / n, 3),
+        "minor_faults_per_step": round(cpu[2] / n),
         "real_tokens": real, "loss_tokens": loss_tok, "tensor_tokens": tensor,
         "pad_fraction": round(1 - real / tensor, 4), "completion_tokens_in_data": supervised_tokens(examples),
         "final_loss": round(trainer.state.last_loss, 4), "params": total, "params_nonemb_plus_head": n_flop,

@@ -1,7 +1,9 @@
 """Side-by-side SFT benchmark: the peer (TRL SFTTrainer + PEFT) vs sftlab on identical token ids.
 
-Each run is its own subprocess (so peak RSS is per run), alternating peer, ours, peer, ours ... per workload;
-the fp32 matmul peak is measured in the same invocation for MFU. Prints a table per workload and the
+Each run is its own subprocess (so peak RSS is per run), alternating peer, ours, peer, ours ... per workload.
+MFU: the fp32 matmul peak (2048^3) is measured right before and right after every run (each measurement serves
+the run before it and the run after it), and a run's MFU is its achieved GFLOP/s over the mean of its two
+adjacent peaks, so a machine whose speed drifts (shared CPUs: 75-185 GFLOP/s seen) still gives a fair MFU. Prints a table per workload and the
 ours/peer ratios against the peer's best variant per measure (per pair, then the median), and appends every
 row to benchmarks/results.jsonl with versions and machine info.
 
@@ -73,6 +75,33 @@ def matmul_peak(threads: int) -> float | None:
     return max(r["median_gflops"] for r in res["fp32"] if r.get("shape") == "2048x2048@2048x2048")
 
 
+class Peaks:
+    """Matmul peaks taken between runs: run i gets the one measured just before it and the one just after."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self.last: float | None = None
+
+    def measure(self) -> float | None:
+        self.last = matmul_peak(self.threads)
+        print(f"  fp32 matmul peak (2048^3, {self.threads} threads): {self.last} GFLOP/s", flush=True)
+        return self.last
+
+    def around(self, cmd: list[str], timeout: float) -> dict | None:
+        """Run cmd between two peak measurements (the one before is the previous run's after)."""
+        before = self.last if self.last is not None else self.measure()
+        res = _run(cmd, timeout)
+        after = self.measure()
+        if res is None:
+            return None
+        got = [p for p in (before, after) if p]
+        peak = sum(got) / len(got) if got else None
+        res.update(peak_before_gflops=before, peak_after_gflops=after,
+                   matmul_peak_gflops=round(peak, 2) if peak else None,
+                   mfu=round(res["achieved_gflops"] / peak, 4) if peak else None)  # fmt: skip
+        return res
+
+
 def machine() -> dict:
     import torch
 
@@ -101,8 +130,10 @@ def _ratios(ours: dict, peers: list[dict]) -> dict:
 
 def _row(r: dict) -> str:
     mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
+    pk = f"{r.get('peak_before_gflops')} / {r.get('peak_after_gflops')}"
     return (f"| {r['variant']:<14} | {r['tokens_per_s']:>8.1f} | {r['s_per_step']:>7.3f} | {r['peak_rss_mb']:>8.0f} | "
-            f"{r['loss_tokens']:>7} / {r['completion_tokens_in_data']:<6} | {r['final_loss']:>7.4f} | {mfu:>6} |")  # fmt: skip
+            f"{r['loss_tokens']:>7} / {r['completion_tokens_in_data']:<6} | {r['final_loss']:>7.4f} | {mfu:>6} "
+            f"| {pk} |")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,10 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     if why_no_peer:
         print(f"peer skipped: {why_no_peer}")
     common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
-    peak = matmul_peak(args.threads)
-    print(f"fp32 matmul peak (2048^3, {args.threads} threads): {peak} GFLOP/s", flush=True)
-    meta = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(), "matmul_peak_gflops": peak,
-            "steps": args.steps, "warmup": args.warmup}  # fmt: skip
+    peaks = Peaks(args.threads)
+    meta = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(), "steps": args.steps,
+            "warmup": args.warmup}  # fmt: skip
     workloads = ["B1", "B2"] if args.workload == "all" else [args.workload]
     for wl in workloads:
         variants = args.peer_variants.split(",") if args.peer_variants else WORKLOADS[wl]["peer"]
@@ -140,21 +170,20 @@ def main(argv: list[str] | None = None) -> int:
             if not why_no_peer:
                 for v in variants:
                     print(f"[{wl} pair {pair + 1}] peer {v} ...", flush=True)
-                    r = _run([sys.executable, str(PEER), "--variant", v, *common], args.timeout)
+                    r = peaks.around([sys.executable, str(PEER), "--variant", v, *common], args.timeout)
                     if r:
                         peers.append({**r, "side": "peer", "workload": wl})
             print(f"[{wl} pair {pair + 1}] sftlab ...", flush=True)
             sets = [x for s in args.ours_set for x in ("--set", s)]
-            ours = _run(
+            ours = peaks.around(
                 [sys.executable, "-m", "benchmarks.ours", "--workload", wl, *common, *sets], args.timeout
             )
             for r in peers + ([ours] if ours else []):
-                r["mfu"] = round(r["achieved_gflops"] / peak, 4) if peak else None
                 r["pair"] = pair
                 rows.append(r)
             if ours and peers:
                 ratios.append(_ratios(ours, peers))
-        _report(wl, rows, ratios, peak)
+        _report(wl, rows, ratios)
         with open(args.out, "a") as f:
             for r in rows:
                 f.write(json.dumps({**meta, **r}) + "\n")
@@ -168,12 +197,13 @@ def _median(ratios: list[dict]) -> dict:
     return {k: round(statistics.median(r[k] for r in ratios if k in r), 3) for k in ratios[0]}
 
 
-def _report(wl: str, rows: list[dict], ratios: list[dict], peak: float | None) -> None:
-    print(f"\n## {wl} ({WORKLOADS[wl]['method']}), fp32 matmul peak {peak} GFLOP/s")
+def _report(wl: str, rows: list[dict], ratios: list[dict]) -> None:
     print(
-        "| variant        | real tok/s | s/step | peak RSS MB | supervised (steps / data) | final loss | MFU |"
+        f"\n## {wl} ({WORKLOADS[wl]['method']}); MFU against the mean of the matmul peaks measured around each run"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("| variant        | real tok/s | s/step | peak RSS MB | supervised (steps / data) | final loss | MFU "
+          "| peak before/after GFLOP/s |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(_row(r))
     if ratios:

@@ -21,6 +21,7 @@ from ..data.batching import collate, collate_packed, epoch_batches, token_budget
 from ..eval.evaluate import evaluate
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .loss import compute_loss, count_supervised
+from .memory import set_malloc_mmap_threshold
 from .metrics import MetricsLog, plot_loss
 from .optim import build_optimizer, build_scheduler
 from .packing import resolve_packing
@@ -84,6 +85,27 @@ class Trainer:
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         """Packed (one row, no pad) or padded, per the resolved `packing`."""
         return collate_packed(examples, self.task) if self.packing else collate(examples, self.pad_id, self.task)
+
+    def split_by_tokens(self, idx: list[int]) -> list[list[int]]:
+        """A batch cut into consecutive parts of at most `micro_batch_tokens` tensor tokens (one example may exceed).
+
+        The parts are accumulated into the same optimizer step with the step's supervised-token count as the
+        normaliser, so the gradient is the batch's own; only the activations alive at once shrink.
+        """
+        cap = self.cfg.micro_batch_tokens
+        if not cap:
+            return [idx]
+        parts: list[list[int]] = [[]]
+        total = longest = 0  # of the open part: summed and longest length
+        for i in idx:
+            n = self.lengths[i]
+            cost = total + n if self.packing else max(longest, n) * (len(parts[-1]) + 1)
+            if parts[-1] and cost > cap:
+                parts.append([])
+                total = longest = 0
+            parts[-1].append(i)
+            total, longest = total + n, max(longest, n)
+        return parts
 
     def _micro_batches(self) -> Iterator[list[int]]:
         """Endless stream from the saved position: the same order whether or not the run was resumed."""
@@ -167,6 +189,8 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> LoopState:
         c = self.cfg
+        if c.malloc_mmap_threshold:
+            set_malloc_mmap_threshold(c.malloc_mmap_threshold)  # see train/memory.py
         resumed = self.resume() if resume else False
         metrics = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=self.state.step if resumed else None)
         self.model.train()
@@ -179,7 +203,11 @@ class Trainer:
                 t0 = time.perf_counter()
                 # Where this step starts: an interrupt mid-step rewinds here, so resume replays the whole step.
                 step_start = (self.state.epoch, self.state.batch_idx, torch.get_rng_state())
-                micro = [self.collate([self.train_examples[i] for i in next(stream)]) for _ in range(c.grad_accum)]
+                micro = [
+                    self.collate([self.train_examples[i] for i in part])
+                    for _ in range(c.grad_accum)
+                    for part in self.split_by_tokens(next(stream))
+                ]
                 loss, n_sup, real = self.train_step(micro)
                 if not math.isfinite(loss):
                     self.optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,48 @@
+"""Opt-in low-memory malloc setting for training (`train.malloc_mmap_threshold`): freed activations go back to the OS.
+
+A training step allocates and frees the same few hundred MB of activations every step, in blocks of 0.1-130 MB.
+glibc's malloc serves a block from the heap whenever a free chunk fits, and grows its mmap threshold (up to
+32 MB) whenever a big mmapped block is freed, so after the first step nearly every activation lands on the
+heap, where blocks of varying sizes fragment it and keep freed memory resident. A fixed threshold (which also
+switches the dynamic growth off) gives each big block its own mapping. Measured on the B1 benchmark (58M
+Llama, LoRA, 2 threads), 2048-token passes: peak RSS 2,247 -> 1,510 MB; but every step then page-faults its
+activations in anew (1.2M minor faults, 2.7 s of system time per step) and the step takes ~2x as long. So it
+is off by default; smaller passes (`micro_batch_tokens`) and loss chunks (`loss_chunk_size`) cut the peak
+at no speed cost instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+DEFAULT_MMAP_THRESHOLD = 256 * 1024
+
+
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "mallopt") else None  # glibc (musl has no mallopt)
+    except OSError:
+        return None
+
+
+def set_malloc_mmap_threshold(nbytes: int = DEFAULT_MMAP_THRESHOLD) -> bool:
+    """Blocks of >= nbytes get their own mmap (returned to the OS on free); True when glibc accepted it."""
+    libc = _libc()
+    if libc is None:
+        return False
+    ok = libc.mallopt(M_MMAP_THRESHOLD, int(nbytes)) == 1
+    # Trim the heap top as soon as 2x the threshold is free there (the default would be 2x the grown threshold).
+    return ok and libc.mallopt(M_TRIM_THRESHOLD, 2 * int(nbytes)) == 1
+
+
+def trim() -> bool:
+    """Give free heap memory back to the OS now (glibc malloc_trim); False where unavailable."""
+    libc = _libc()
+    return bool(libc is not None and hasattr(libc, "malloc_trim") and libc.malloc_trim(0))
