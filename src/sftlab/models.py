@@ -70,7 +70,12 @@ def byte_tokenizer(model_max_length: int = 512) -> PreTrainedTokenizerFast:
 
 def tiny_config(name: str, vocab_size: int, task: str, num_labels: int | None = None):
     """Small configs (hidden 64, 2 layers) for the four architecture families."""
-    common: dict[str, Any] = {"vocab_size": vocab_size, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    common: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
     if num_labels is not None:
         common["num_labels"] = num_labels
     if name == "tiny-llama":
@@ -88,13 +93,23 @@ def tiny_config(name: str, vocab_size: int, task: str, num_labels: int | None = 
         return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512, **common)
     if name == "tiny-bert":
         return BertConfig(
-            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-            max_position_embeddings=512, **common,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=128,
+            max_position_embeddings=512,
+            **common,
         )
     if name == "tiny-t5":
         return T5Config(
-            d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4,
-            decoder_start_token_id=0, **common,
+            d_model=64,
+            d_kv=16,
+            d_ff=128,
+            num_layers=2,
+            num_decoder_layers=2,
+            num_heads=4,
+            decoder_start_token_id=0,
+            **common,
         )
     raise ValueError(f"unknown tiny model {name!r}; choose one of {', '.join(TINY_NAMES)}")
 
@@ -165,7 +180,9 @@ def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedToke
         return byte_tokenizer()
     if _is_gguf(name):
         p = Path(name)
-        return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(
+            str(p.parent), gguf_file=p.name, trust_remote_code=trust_remote_code
+        )
     return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
 
 

@@ -67,13 +67,16 @@ def prepare(cfg: RunConfig, log=print):
     tokenizer = load_tokenizer(m.name, m.trust_remote_code)
     train_data, eval_data = load_data(cfg.data, tokenizer, m.task, cfg.train.seed)
     st = train_data.stats
-    log(f"data: {st.get('examples')} train examples, {st.get('supervised_tokens')} supervised tokens, "
+    log(
+        f"data: {st.get('examples')} train examples, {st.get('supervised_tokens')} supervised tokens, "
         f"{st.get('truncated', 0)} truncated to {cfg.data.max_length}, {st.get('dropped', 0)} dropped"
-        + (f"; {len(eval_data.examples)} eval examples" if eval_data else ""))
+        + (f"; {len(eval_data.examples)} eval examples" if eval_data else "")
+    )
     labels = train_data.label_names
     torch.manual_seed(cfg.train.seed)
-    model, loaded_tok = load_model(m.name, m.task, m.dtype, len(labels) if labels else None, m.trust_remote_code,
-                                   m.attn_implementation)
+    model, loaded_tok = load_model(
+        m.name, m.task, m.dtype, len(labels) if labels else None, m.trust_remote_code, m.attn_implementation
+    )
     if labels:
         model.config.id2label = dict(enumerate(labels))
         model.config.label2id = {v: i for i, v in enumerate(labels)}
@@ -94,12 +97,19 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log=pri
     random.seed(cfg.train.seed)
     model, tokenizer, train_data, eval_data = prepare(cfg, log)
     trainable, total = count_parameters(model)
-    log(f"model: {cfg.model.name} ({total:,} params), method {cfg.method.name}: "
-        f"{trainable:,} trainable ({100 * trainable / total:.3f}%)")
+    log(
+        f"model: {cfg.model.name} ({total:,} params), method {cfg.method.name}: "
+        f"{trainable:,} trainable ({100 * trainable / total:.3f}%)"
+    )
     trainer = Trainer(
-        model=model, cfg=cfg.train, task=cfg.model.task, train_examples=train_data.examples,
-        pad_id=tokenizer.pad_token_id, run_dir=run_dir,
-        eval_examples=eval_data.examples if eval_data else None, log=log,
+        model=model,
+        cfg=cfg.train,
+        task=cfg.model.task,
+        train_examples=train_data.examples,
+        pad_id=tokenizer.pad_token_id,
+        run_dir=run_dir,
+        eval_examples=eval_data.examples if eval_data else None,
+        log=log,
     )
     error = None
     try:

@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]
+) -> torch.optim.AdamW:
     """Frozen weights never reach the optimizer, so they get no state. Biases and norms are not decayed."""
     decay, no_decay = [], []
     seen: set[int] = set()
@@ -19,7 +21,11 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tup
         (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
     if not decay and not no_decay:
         raise ValueError("the method left no trainable parameters")
-    groups = [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    groups = [
+        g
+        for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+        if g["params"]
+    ]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=True)
 
 
@@ -35,5 +41,7 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(opt: torch.optim.Optimizer, total: int, warmup: int, schedule: str) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    opt: torch.optim.Optimizer, total: int, warmup: int, schedule: str
+) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, schedule))

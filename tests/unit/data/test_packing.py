@@ -38,7 +38,9 @@ def test_packed_hidden_states_equal_separate(name):
         per_ex = model.base_model(**common, **{varlen.KWARG: seg}).last_hidden_state  # (1, 43, H)
         masked = model.base_model(**common).last_hidden_state
         for (s, e), ex in zip(zip(seg[:-1], seg[1:]), exs):
-            alone = model.base_model(input_ids=torch.tensor([ex["input_ids"]]), use_cache=False).last_hidden_state
+            alone = model.base_model(
+                input_ids=torch.tensor([ex["input_ids"]]), use_cache=False
+            ).last_hidden_state
             torch.testing.assert_close(per_ex[:, s:e], alone, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(masked[:, s:e], alone, rtol=1e-5, atol=1e-5)
 
@@ -48,18 +50,27 @@ def test_packed_hidden_states_equal_separate(name):
 def test_packed_loss_and_grads_equal_padded(name, varlen_attn):
     model, tok = build_tiny(name)
     spec = get_method("lora")
-    spec.apply(model, spec.config(name="lora", r=4, target_modules="all-linear"), MethodContext("causal-lm", tok, name))
+    spec.apply(
+        model,
+        spec.config(name="lora", r=4, target_modules="all-linear"),
+        MethodContext("causal-lm", tok, name),
+    )
     for n, p in model.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.05)
     model.eval()  # no dropout: both layouts must see the same network
     exs = _examples()
     results = []
-    for batch, kw in ((collate(exs, 0, "causal-lm"), {}), (collate_packed(exs), {"varlen_attn": varlen_attn})):
+    for batch, kw in (
+        (collate(exs, 0, "causal-lm"), {}),
+        (collate_packed(exs), {"varlen_attn": varlen_attn}),
+    ):
         model.zero_grad(set_to_none=True)
         loss, n = compute_loss(model, batch, "causal-lm", 8, **kw)
         loss.backward()
-        results.append((loss.detach(), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}))
+        results.append(
+            (loss.detach(), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+        )
     (lp, np_, gp), (lk, nk, gk) = results
     assert np_ == nk == sum(len(e["input_ids"]) - max(1, len(e["input_ids"]) // 2) for e in exs)
     torch.testing.assert_close(lk, lp, rtol=1e-5, atol=1e-5)
@@ -90,7 +101,9 @@ def test_packing_check_on_for_lora_off_for_prompt_tuning():
 
     model, tok = build_tiny("tiny-llama")
     spec = get_method("prompt")
-    spec.apply(model, spec.config(name="prompt", num_virtual_tokens=3), MethodContext("causal-lm", tok, "tiny-llama"))
+    spec.apply(
+        model, spec.config(name="prompt", num_virtual_tokens=3), MethodContext("causal-lm", tok, "tiny-llama")
+    )
     logs = []
     assert resolve_packing(None, "causal-lm", model, exs, log=logs.append) is False
     assert logs and "packing off" in logs[0]
