@@ -193,9 +193,11 @@ def load_model(
     num_labels: int | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str | None = "sdpa",
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return (model, tokenizer). `name` is a tiny name, a local directory, a .gguf file, an HF id, or the
-    `smollm2-135m-instruct` alias of the quickstart's demo model."""
+    `smollm2-135m-instruct` alias of the quickstart's demo model. Pass `tokenizer` when it is already loaded
+    (a GGUF tokenizer takes seconds to parse)."""
     name = resolve_alias(name)
     if task not in TASKS:
         raise ValueError(f"model.task: {task!r} is not one of {', '.join(TASKS)}")
@@ -219,7 +221,7 @@ def load_model(
             f"model.name: {name!r} is not a local path or a built-in tiny name ({', '.join(TINY_NAMES)}), "
             "and HF_HUB_OFFLINE=1 forbids a download"
         )
-    tok = load_tokenizer(name, trust_remote_code)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(name, trust_remote_code)
     model = _AUTO_CLASSES[task].from_pretrained(src, **kwargs)
     if _is_gguf(name):
         # GGUF weights come back dequantized fp32; clear the flag so save_pretrained accepts the model.
@@ -236,6 +238,15 @@ def load_model(
     if getattr(model.config, "pad_token_id", None) is None and tok.pad_token_id is not None:
         model.config.pad_token_id = tok.pad_token_id
     return model, tok
+
+
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute activations in backward (non-reentrant, so frozen inputs are fine). transformers 5.x renamed
+    gradient_checkpointing_enable to activation_checkpointing_enable; use whichever this version has."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def model_family(model: PreTrainedModel) -> str:

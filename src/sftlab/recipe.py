@@ -15,7 +15,7 @@ from .config import RunConfig, dump_config, save_config
 from .data import load_data
 from .methods import MethodContext, get_method
 from .methods._targets import count_parameters
-from .models import load_model, load_tokenizer
+from .models import TINY_NAMES, enable_activation_checkpointing, load_model, load_tokenizer
 from .runs import save_final
 from .train.loop import Trainer, TrainingDiverged
 
@@ -74,8 +74,14 @@ def prepare(cfg: RunConfig, log=print):
     )
     labels = train_data.label_names
     torch.manual_seed(cfg.train.seed)
-    model, loaded_tok = load_model(
-        m.name, m.task, m.dtype, len(labels) if labels else None, m.trust_remote_code, m.attn_implementation
+    model, _ = load_model(
+        m.name,
+        m.task,
+        m.dtype,
+        len(labels) if labels else None,
+        m.trust_remote_code,
+        m.attn_implementation,
+        tokenizer=None if m.name in TINY_NAMES else tokenizer,
     )
     if labels:
         model.config.id2label = dict(enumerate(labels))
@@ -84,7 +90,7 @@ def prepare(cfg: RunConfig, log=print):
     torch.manual_seed(cfg.train.seed)
     get_method(cfg.method.name).apply(model, cfg.method, ctx)
     if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
         model.config.use_cache = False
     return model, tokenizer, train_data, eval_data
 

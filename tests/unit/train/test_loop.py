@@ -155,3 +155,17 @@ def test_early_stopping(tmp_path):
     )
     summary = train(cfg)
     assert summary["status"] == "early-stopped" and summary["steps"] < 40
+
+
+def test_gradient_checkpointing_run_matches_plain_run(tmp_path):
+    plain = make_config(
+        tmp_path / "a", "tiny-llama", train={"max_steps": 3, "output_dir": str(tmp_path / "a" / "run")}
+    )
+    ckpt = make_config(
+        tmp_path / "b",
+        "tiny-llama",
+        train={"max_steps": 3, "output_dir": str(tmp_path / "b" / "run"), "gradient_checkpointing": True},
+    )
+    ref, got = train(plain), train(ckpt)
+    assert got["status"] == "completed"
+    assert got["train_loss"] == pytest.approx(ref["train_loss"], rel=1e-5)
