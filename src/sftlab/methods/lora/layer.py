@@ -136,6 +136,8 @@ class LoraLayer(nn.Module):
 
     # ---- forward --------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not args and not kwargs and self._fused_ok(x):
+            return self._fused_forward(x)
         result = self.base_layer(x, *args, **kwargs)  # (..., d_out)
         if self.row_adapters is not None:
             if self.merged is not None:
@@ -146,6 +148,38 @@ class LoraLayer(nn.Module):
         if self.disabled or self.merged is not None or self.active not in self.lora_A:
             return result
         return result + self._delta(x, result, self.active)
+
+    def _fused_ok(self, x: torch.Tensor) -> bool:
+        """The plain-LoRA fast path: a hook-free nn.Linear base, one active adapter, no dropout in training,
+        no DoRA, one dtype."""
+        name, base = self.active, self.base_layer
+        if (
+            self.row_adapters is not None
+            or self.disabled
+            or self.merged is not None
+            or name not in self.lora_A
+        ):
+            return False
+        return (
+            type(base) is nn.Linear
+            and not (base._forward_hooks or base._forward_pre_hooks)
+            and name not in self.lora_magnitude_vector
+            and not (self.training and self.dropout[name] > 0)
+            and x.dtype == self.lora_A[name].dtype == base.weight.dtype
+        )
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """W x + b + s·(x A^T) B^T with the LoRA update accumulated inside one GEMM (beta=1, alpha=s).
+
+        No (..., d_out) temporaries for s·lora or the sum, and backward scales only the thin (N, r) / (d_out, r)
+        gradients. The in-place addmm_ is on the base matmul's fresh 2-D output (its backward never reads it),
+        not on a view, so autograd needs no CopySlices.
+        """
+        A, B = self.lora_A[self.active], self.lora_B[self.active]  # (r, d_in), (d_out, r)
+        x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
+        out = F.linear(x2, self.base_layer.weight, self.base_layer.bias)  # (N, d_out)
+        out.addmm_(F.linear(x2, A), B.T, alpha=self.scaling[self.active])  # += s·(N, r)(r, d_out)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     def _delta(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
         """What adapter `name` adds to the base output `result` for input x (..., d_in)."""
