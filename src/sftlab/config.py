@@ -18,10 +18,19 @@ class ConfigError(ValueError):
 
 
 class ModelConfig(StrictModel):
-    name: str = Field(..., description="HF id | local dir | path/to/file.gguf | tiny-llama | tiny-gpt2 | tiny-bert | tiny-t5")
-    task: Literal["causal-lm", "seq-cls", "seq2seq"] = Field("causal-lm", description="What the model is trained to do.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype; float32 on CPU.")
-    trust_remote_code: bool = Field(False, description="Run model code from the model repo. Off unless you trust it.")
+    name: str = Field(
+        ...,
+        description="HF id | local dir | path/to/file.gguf | tiny-llama | tiny-gpt2 | tiny-bert | tiny-t5",
+    )
+    task: Literal["causal-lm", "seq-cls", "seq2seq"] = Field(
+        "causal-lm", description="What the model is trained to do."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Weights dtype; float32 on CPU."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run model code from the model repo. Off unless you trust it."
+    )
     attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel.")
 
 
@@ -32,35 +41,57 @@ class DataConfig(StrictModel):
     format: Literal["text", "alpaca", "messages", "sharegpt", "classification", "seq2seq"] = Field(
         "alpaca", description="Record layout."
     )
-    max_length: int = Field(512, gt=0, description="Truncate examples to this many tokens (counted and reported).")
-    template: str = Field("auto", description="Chat template: auto (the tokenizer's own, else chatml) | chatml | plain.")
-    system_prompt: str | None = Field(None, description="System message added to chat formats when a record has none.")
+    max_length: int = Field(
+        512, gt=0, description="Truncate examples to this many tokens (counted and reported)."
+    )
+    template: str = Field(
+        "auto", description="Chat template: auto (the tokenizer's own, else chatml) | chatml | plain."
+    )
+    system_prompt: str | None = Field(
+        None, description="System message added to chat formats when a record has none."
+    )
     columns: dict[str, str] = Field(
         default_factory=dict,
         description="Rename record fields, e.g. {text: sentence, label: label} or {instruction: prompt}.",
     )
-    label_names: list[str] | None = Field(None, description="Classification label order; default: sorted labels seen.")
-    train_on_prompt: bool = Field(False, description="Also supervise prompt tokens (default: responses only).")
-    limit: int | None = Field(None, gt=0, description="Use only the first N records of each file (quick tries).")
+    label_names: list[str] | None = Field(
+        None, description="Classification label order; default: sorted labels seen."
+    )
+    train_on_prompt: bool = Field(
+        False, description="Also supervise prompt tokens (default: responses only)."
+    )
+    limit: int | None = Field(
+        None, gt=0, description="Use only the first N records of each file (quick tries)."
+    )
 
 
 class TrainConfig(StrictModel):
     output_dir: str = Field("runs/demo", description="Run directory.")
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps; or epochs.")
-    epochs: float | None = Field(None, gt=0, description="Passes over the training data (used when max_steps is unset).")
+    epochs: float | None = Field(
+        None, gt=0, description="Passes over the training data (used when max_steps is unset)."
+    )
     batch_size: int = Field(8, gt=0, description="Examples per micro-batch.")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     lr: float = Field(2.0e-4, gt=0, description="Peak learning rate.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (not applied to biases and norms).")
+    weight_decay: float = Field(
+        0.0, ge=0, description="AdamW weight decay (not applied to biases and norms)."
+    )
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
-    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR schedule after warmup.")
+    schedule: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="LR schedule after warmup."
+    )
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
     max_grad_norm: float | None = Field(1.0, description="Clip gradients to this norm; null disables.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward to save memory."
+    )
     eval_every: int | None = Field(None, gt=0, description="Evaluate every N steps (and at the end).")
     save_every: int | None = Field(None, gt=0, description="Checkpoint every N steps.")
     keep_last: int = Field(2, gt=0, description="Keep this many checkpoints.")
-    early_stopping_patience: int | None = Field(None, gt=0, description="Stop after N evals without improvement.")
+    early_stopping_patience: int | None = Field(
+        None, gt=0, description="Stop after N evals without improvement."
+    )
     log_every: int = Field(1, gt=0, description="Log a metrics row every N steps.")
     eval_batch_size: int | None = Field(None, gt=0, description="Default: batch_size.")
     seed: int = Field(0, description="Seed for init, data order and dropout.")
@@ -98,10 +129,12 @@ class TrainConfig(StrictModel):
         "fragmented heap: B1 benchmark peak RSS -30%, but ~2x step time (page faults). null: malloc as it is.",
     )
     varlen_attention: bool = Field(
-        True, description="Packed rows: sdpa per example (sum T_i^2 work) rather than one masked (sum T_i)^2 product."
+        True,
+        description="Packed rows: sdpa per example (sum T_i^2 work) rather than one masked (sum T_i)^2 product.",
     )
     fused_loss: bool = Field(
-        True, description="Fused LM head + cross-entropy (gradients in the forward pass); false: checkpointed chunks."
+        True,
+        description="Fused LM head + cross-entropy (gradients in the forward pass); false: checkpointed chunks.",
     )
     threads: int | None = Field(None, gt=0, description="torch threads; default: physical cores.")
     progress: bool = Field(True, description="Show a progress bar.")
@@ -173,7 +206,7 @@ def _error_lines(err: ValidationError, prefix: str = "", model: type[StrictModel
             continue
         msg = e["msg"]
         if msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
+            msg = msg[len("Value error, ") :]
         if e["type"] == "literal_error":
             allowed = e.get("ctx", {}).get("expected", "")
             lines.append(f"{key}: {e.get('input')!r} is not allowed; expected {allowed}")

@@ -84,7 +84,9 @@ class Trainer:
 
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         """Packed (one row, no pad) or padded, per the resolved `packing`."""
-        return collate_packed(examples, self.task) if self.packing else collate(examples, self.pad_id, self.task)
+        return (
+            collate_packed(examples, self.task) if self.packing else collate(examples, self.pad_id, self.task)
+        )
 
     def split_by_tokens(self, idx: list[int]) -> list[list[int]]:
         """A batch cut into consecutive parts of at most `micro_batch_tokens` tensor tokens (one example may exceed).
@@ -127,16 +129,24 @@ class Trainer:
         loss_sum = 0.0
         real = 0
         for batch in micro:
-            loss, _ = compute_loss(self.model, batch, self.task, self.cfg.loss_chunk_size, **self._loss_options())
+            loss, _ = compute_loss(
+                self.model, batch, self.task, self.cfg.loss_chunk_size, **self._loss_options()
+            )
             (loss / n_total).backward()
             loss_sum += float(loss.detach())
-            real += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+            real += (
+                int(batch["attention_mask"].sum())
+                if "attention_mask" in batch
+                else batch["input_ids"].numel()
+            )
         return loss_sum / n_total, n_total, real
 
     def _loss_options(self) -> dict:
         """Only the levers switched off (the defaults stay implicit)."""
         c = self.cfg
-        return {k: False for k, on in (("fused", c.fused_loss), ("varlen_attn", c.varlen_attention)) if not on}
+        return {
+            k: False for k, on in (("fused", c.fused_loss), ("varlen_attn", c.varlen_attention)) if not on
+        }
 
     def _optimizer_step(self) -> float:
         gnorm = float("nan")
@@ -151,7 +161,12 @@ class Trainer:
     # -- checkpoints ----------------------------------------------------------------------------------
     def save(self) -> Path:
         return save_checkpoint(
-            self.ckpt_root, self.state.step, self.model, self.optimizer, self.scheduler, self.state.to_dict(),
+            self.ckpt_root,
+            self.state.step,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.state.to_dict(),
             self.cfg.keep_last,
         )
 
@@ -228,8 +243,16 @@ class Trainer:
                 s.last_loss = loss
                 tps = real / dt if dt > 0 else 0.0
                 if s.step % c.log_every == 0 or s.step == self.total_steps:
-                    metrics.write({"step": s.step, "loss": loss, "lr": lr, "tokens_per_s": tps, "grad_norm": gnorm,
-                                   "epoch": s.epoch + s.batch_idx / max(1, self.batches_per_epoch)})
+                    metrics.write(
+                        {
+                            "step": s.step,
+                            "loss": loss,
+                            "lr": lr,
+                            "tokens_per_s": tps,
+                            "grad_norm": gnorm,
+                            "epoch": s.epoch + s.batch_idx / max(1, self.batches_per_epoch),
+                        }
+                    )
                 progress.update(s.step, loss=loss, lr=lr, tps=tps)
                 stop = False
                 if c.eval_every and s.step % c.eval_every == 0 and s.step < self.total_steps:
@@ -237,7 +260,9 @@ class Trainer:
                 if c.save_every and s.step % c.save_every == 0:
                     self.save()
                 if stop:
-                    self.log(f"early stopping at step {s.step}: no eval improvement in {c.early_stopping_patience} evals")
+                    self.log(
+                        f"early stopping at step {s.step}: no eval improvement in {c.early_stopping_patience} evals"
+                    )
                     s.status = "early-stopped"
                     break
             if self.state.status == "running":
@@ -250,7 +275,9 @@ class Trainer:
                 torch.set_rng_state(rng)
             self.state.status = "interrupted"
             path = self.save()
-            self.log(f"interrupted: checkpoint saved to {path}; continue with `sftlab train <config> --resume`")
+            self.log(
+                f"interrupted: checkpoint saved to {path}; continue with `sftlab train <config> --resume`"
+            )
             raise
         finally:
             progress.stop()
