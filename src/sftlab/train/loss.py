@@ -28,6 +28,25 @@ def _head_ce_sum(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Ten
     return F.cross_entropy(logits, y, reduction="sum")
 
 
+# Below this probability -log(p) loses digits to fp32 underflow; such rows are rescored exactly (rare).
+_TINY = 1e-30
+
+
+def _softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """Row softmax written over the logits' own buffer: one fused pass, no second (n, V) tensor."""
+    return torch.ops.aten._softmax.out(logits, 1, False, out=logits)
+
+
+def _target_nll(py, hc, weight, bias, yc) -> torch.Tensor:
+    """sum_i -log p_i[y_i], exact (logsumexp - target logit) for the rows whose p underflowed."""
+    tiny = py < _TINY
+    if not bool(tiny.any()):
+        return -py.log().sum()
+    logits = F.linear(hc[tiny], weight, bias).float()  # (k, V), k rows only
+    exact = torch.logsumexp(logits, -1) - logits.gather(1, yc[tiny][:, None]).squeeze(1)
+    return -py[~tiny].log().sum() + exact.sum()
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """sum_i CE(h_i W^T + b, y_i), chunk by chunk, with the gradients computed in the same pass.
 
@@ -49,20 +68,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
         gb = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None  # (V,)
         for s in range(0, h.shape[0], chunk_size):
             hc, yc = h[s : s + chunk_size], y[s : s + chunk_size]  # (n, H), (n,)
-            logits = F.linear(hc, weight, bias).float()  # (n, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
-            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+            rows = torch.arange(hc.shape[0], device=h.device)
+            p = _softmax_(F.linear(hc, weight, bias).float())  # (n, V): the logits' buffer, now softmax
+            py = p[rows, yc]  # (n,)
+            total += _target_nll(py, hc, weight, bias, yc)
             if need_h or need_w or need_b:
-                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-                g[torch.arange(g.shape[0], device=g.device), yc] -= 1.0  # (n, V) = dCE/dlogits
-                gc = g.to(weight.dtype)
+                p[rows, yc] -= 1.0  # (n, V) = dCE/dlogits
+                gc = p.to(weight.dtype)
                 if need_h:
                     gh[s : s + chunk_size] = gc @ weight  # (n, H)
                 if need_w:
                     gw.addmm_(gc.T.float(), hc.float())  # (V, H)
                 if need_b:
-                    gb += g.sum(0)
-            del logits
+                    gb += p.sum(0)
+            del p
         ctx.save_for_backward(*(t for t in (gh, gw, gb) if t is not None))
         ctx.has = (gh is not None, gw is not None, gb is not None)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)

@@ -98,3 +98,20 @@ def test_no_full_vocab_tensor_is_ever_built(monkeypatch):
     loss, n = compute_loss(model, batch, "causal-lm", chunk_size=8)
     loss.backward()
     assert n > 8 and rows and max(rows) <= 8 and sum(rows) == n
+
+
+def test_confidently_wrong_rows_keep_an_exact_loss():
+    """A target whose softmax probability underflows fp32 (loss ~ 200 nats) is rescored from its logits."""
+    torch.manual_seed(0)
+    h = torch.randn(6, 8, dtype=torch.float64).float()
+    w = torch.randn(30, 8)
+    y = torch.randint(0, 30, (6,))
+    w[y[2]] = -80.0 * h[2] / h[2].norm()  # row 2 target logit ~ -80 |h|: p far below fp32 range
+    h.requires_grad_(True)
+    ref = torch.nn.functional.cross_entropy(h @ w.T, y, reduction="none")
+    assert ref[2] > 110  # e^-110: a probability fp32 cannot hold
+    got = linear_cross_entropy_sum(h, w, None, y, chunk_size=4)
+    torch.testing.assert_close(got, ref.sum())
+    (gh,) = torch.autograd.grad(got, (h,))
+    (rh,) = torch.autograd.grad(ref.sum(), (h,))
+    torch.testing.assert_close(gh, rh)
