@@ -31,17 +31,14 @@ def segments_from_positions(position_ids: torch.Tensor) -> tuple[int, ...]:
 def _varlen_sdpa(module, query, key, value, segments, dropout=0.0, scaling=None):
     # query (1, Hq, T, D), key/value (1, Hkv, T, D) -> (1, T, Hq, D) like transformers' sdpa_attention_forward
     gqa = query.shape[1] != key.shape[1]
+    # split, not slices: its backward is one cat of the pieces' grads, where n slices would each zero-fill and
+    # add into a full-size (1, H, T, D) gradient (n x 3 x layers extra passes over q/k/v per step)
+    sizes = [e - s for s, e in zip(segments[:-1], segments[1:])]
     outs = []
-    for s, e in zip(segments[:-1], segments[1:]):
+    for q, k, v in zip(query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2)):
         outs.append(
             F.scaled_dot_product_attention(
-                query[:, :, s:e],
-                key[:, :, s:e],
-                value[:, :, s:e],
-                dropout_p=dropout,
-                scale=scaling,
-                is_causal=e - s > 1,
-                enable_gqa=gqa,
+                q, k, v, dropout_p=dropout, scale=scaling, is_causal=q.shape[2] > 1, enable_gqa=gqa
             )  # fmt: skip
         )
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
