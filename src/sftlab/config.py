@@ -136,6 +136,11 @@ class TrainConfig(StrictModel):
         True,
         description="Fused LM head + cross-entropy (gradients in the forward pass); false: checkpointed chunks.",
     )
+    trim_last_mlp: bool = Field(
+        True,
+        description="Causal LMs: the last block's MLP runs only on positions the loss reads (its output elsewhere "
+        "feeds nothing); same loss and gradients.",
+    )
     fuse_elementwise: bool = Field(
         False,
         description="Compiled (torch.compile) kernels for the RMSNorms and the gated MLP product while training. "

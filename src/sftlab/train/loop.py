@@ -145,9 +145,12 @@ class Trainer:
     def _loss_options(self) -> dict:
         """Only the levers switched off (the defaults stay implicit)."""
         c = self.cfg
-        return {
-            k: False for k, on in (("fused", c.fused_loss), ("varlen_attn", c.varlen_attention)) if not on
-        }
+        levers = (
+            ("fused", c.fused_loss),
+            ("varlen_attn", c.varlen_attention),
+            ("trim_last_mlp", c.trim_last_mlp),
+        )
+        return {k: False for k, on in levers if not on}
 
     def _optimizer_step(self) -> float:
         gnorm = float("nan")

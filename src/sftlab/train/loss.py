@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import varlen
+from . import tail, varlen
 
 IGNORE = -100
 DEFAULT_CHUNK = 256  # (256, 32000) fp32 logits = 33 MB; 1024 cost ~1 GB of peak RSS on B1 (fragmentation)
@@ -134,6 +134,7 @@ def causal_lm_loss(
     chunk_size: int = DEFAULT_CHUNK,
     fused: bool = True,
     varlen_attn: bool = True,
+    trim_last_mlp: bool = True,
 ) -> tuple[torch.Tensor, int]:
     labels = batch["labels"]  # (B, T)
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
@@ -142,10 +143,12 @@ def causal_lm_loss(
         if _takes_kwargs(body):  # per-example attention on the packed row (see varlen.py)
             varlen.install()
             inputs[varlen.KWARG] = varlen.segments_from_positions(batch["position_ids"])
-    # No KV cache in training: transformers isolates packed rows (position_ids restarting) only without one.
-    hidden = body(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
     target = labels[:, 1:]
-    mask = target != IGNORE
+    mask = target != IGNORE  # (B, T-1)
+    read = F.pad(mask, (0, 1))  # (B, T): hidden position t is read when label t+1 is supervised
+    # No KV cache in training: transformers isolates packed rows (position_ids restarting) only without one.
+    with tail.supervised_only(body, read, trim_last_mlp):
+        hidden = body(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
     h = hidden[:, :-1][mask]  # (N, H)
     y = target[mask]  # (N,)
     n = int(y.numel())
@@ -202,13 +205,15 @@ def compute_loss(
     chunk_size: int = DEFAULT_CHUNK,
     fused: bool = True,
     varlen_attn: bool = True,
+    trim_last_mlp: bool = True,
 ) -> tuple[torch.Tensor, int]:
     """(sum of per-token losses, number of supervised tokens) for one micro-batch.
 
-    fused: fused head + cross-entropy (else checkpointed chunks); varlen_attn: packed rows attend per example.
+    fused: fused head + cross-entropy (else checkpointed chunks); varlen_attn: packed rows attend per example;
+    trim_last_mlp: the last block's MLP only on positions the loss reads (tail.py).
     """
     if task == "causal-lm":
-        return causal_lm_loss(model, batch, chunk_size, fused, varlen_attn)
+        return causal_lm_loss(model, batch, chunk_size, fused, varlen_attn, trim_last_mlp)
     if task == "seq2seq":
         return seq2seq_loss(model, batch)
     if task == "seq-cls":
