@@ -42,7 +42,8 @@ _plain: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # mlp -> return
 def _returns_one_tensor(mlp: nn.Module, x: torch.Tensor) -> bool:
     """Once per module: a one-position probe, so an MLP returning a tuple (MoE routers) is never trimmed."""
     if mlp not in _plain:
-        with torch.no_grad():
+        # RNG forked: a probe through dropout must not shift the run's random stream (resume is bit-identical)
+        with torch.no_grad(), torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
             out = mlp.forward(x[:, :1])
         _plain[mlp] = isinstance(out, torch.Tensor) and out.shape[:2] == x[:, :1].shape[:2]
     return _plain[mlp]
