@@ -141,13 +141,6 @@ class TrainConfig(StrictModel):
         description="Causal LMs: the last block's MLP runs only on positions the loss reads (its output elsewhere "
         "feeds nothing); same loss and gradients.",
     )
-    fuse_elementwise: bool = Field(
-        False,
-        description="Compiled (torch.compile) kernels for the RMSNorms and the gated MLP product while training. "
-        "Off: on the CPU B1 benchmark they cut the elementwise share of a step from ~14% to ~11%, but the compiled "
-        "calls' own overhead leaves the step time within noise (A/B in one process: 893 vs 895 tokens/s), for a "
-        "one-off compile of ~20 s. Worth trying where elementwise kernels weigh more (GPUs).",
-    )
     threads: int | None = Field(None, gt=0, description="torch threads; default: physical cores.")
     progress: bool = Field(True, description="Show a progress bar.")
 

@@ -19,7 +19,6 @@ from torch import nn
 from ..config import TrainConfig
 from ..data.batching import collate, collate_packed, epoch_batches, token_budget_batches
 from ..eval.evaluate import evaluate
-from . import fuse
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .loss import compute_loss, count_supervised
 from .memory import set_malloc_mmap_threshold
@@ -211,13 +210,8 @@ class Trainer:
         if c.malloc_mmap_threshold:
             set_malloc_mmap_threshold(c.malloc_mmap_threshold)  # see train/memory.py
         resumed = self.resume() if resume else False
-        self.model.train()
-        with fuse.fused(self.model, c.fuse_elementwise, self.log):
-            return self._fit(resumed)
-
-    def _fit(self, resumed: bool) -> LoopState:
-        c = self.cfg
         metrics = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=self.state.step if resumed else None)
+        self.model.train()
         stream = self._micro_batches()
         progress = Progress(self.total_steps, enabled=c.progress)
         progress.start(self.state.step)
