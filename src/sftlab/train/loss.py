@@ -33,7 +33,13 @@ _TINY = 1e-30
 
 
 def _softmax_(logits: torch.Tensor) -> torch.Tensor:
-    """Row softmax written over the logits' own buffer: one fused pass, no second (n, V) tensor."""
+    """Row softmax written over the logits' own buffer on CPU: one fused kernel, no second (n, V) tensor.
+
+    The CPU kernel reads a row (max, then sum of exps) before it writes it, so the aliasing is safe there; other
+    devices' kernels are not checked here, so they get an ordinary softmax.
+    """
+    if logits.device.type != "cpu":
+        return torch.softmax(logits, dim=1)
     return torch.ops.aten._softmax.out(logits, 1, False, out=logits)
 
 
