@@ -42,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--set", action="append", default=[], help="train config overrides, e.g. packing=false")
+    ap.add_argument(
+        "--set", action="append", default=[],
+        help="train config overrides, e.g. packing=false; method.KEY=V for the method, e.g. method.fused_forward=false",
+    )  # fmt: skip
     ap.add_argument("--profile", default=None, help="write a torch.profiler table of the measured steps here")
     args = ap.parse_args(argv)
 
@@ -68,9 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(args.seed, args.attn)
     n_flop = flop_params(model)
     spec = get_method(wl["method"])
-    mcfg = spec.config(name=wl["method"])
+    overrides = _parse_sets(args.set)
+    method_sets = {
+        k.removeprefix("method."): overrides.pop(k) for k in list(overrides) if k.startswith("method.")
+    }
+    mcfg = spec.config(name=wl["method"], **method_sets)
     if wl["method"] == "lora":
-        mcfg = spec.config(name="lora", r=16, alpha=32, dropout=0.0, target_modules=TARGETS)
+        mcfg = spec.config(name="lora", r=16, alpha=32, dropout=0.0, target_modules=TARGETS, **method_sets)
     torch.manual_seed(args.seed)
     spec.apply(
         model, mcfg, MethodContext(task="causal-lm", tokenizer=None, base_model_name="bench-llama-58m")
@@ -100,7 +107,6 @@ def main(argv: list[str] | None = None) -> int:
             stats["cpu"].append((ru.ru_utime, ru.ru_stime, ru.ru_minflt))
             return g
 
-    overrides = _parse_sets(args.set)
     tcfg = TrainConfig(
         output_dir="unused", max_steps=args.warmup + args.steps, batch_size=args.batch, lr=2e-4, schedule="constant",
         weight_decay=0.0, seed=args.seed, progress=False, log_every=10**9, threads=args.threads, **overrides,
@@ -128,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     cpu = [b - a for a, b in zip(c0, stats["cpu"][-1])]
     res = {
         "side": "sftlab", "workload": args.workload, "variant": "sftlab-" + wl["method"], "steps": n, "warmup": w,
-        "batch": args.batch, "threads": torch.get_num_threads(), "attn": args.attn, "overrides": overrides,
+        "batch": args.batch, "threads": torch.get_num_threads(), "attn": args.attn, "overrides": {**overrides, **{f"method.{k}": v for k, v in method_sets.items()}},
         "packing": trainer.packing, "max_tokens": tcfg.max_tokens, "fused_loss": tcfg.fused_loss,
         "micro_batch_tokens": tcfg.micro_batch_tokens, "passes_per_step": stats["passes"][w:],
         "tokens_per_s": round(real / meas_s, 1), "loss_tokens_per_s": round(loss_tok / meas_s, 1),

@@ -35,3 +35,23 @@ def test_fused_path_off_for_dropout_in_training():
     x = torch.randn(2, 8)
     assert not layer.train()._fused_ok(x)
     assert layer.eval()._fused_ok(x)
+
+
+def test_fused_forward_switch_takes_the_reference_path_with_the_same_numbers(monkeypatch):
+    torch.manual_seed(0)
+    base = nn.Linear(24, 40).requires_grad_(False)
+    layers = {}
+    for fused in (True, False):
+        layer = LoraLayer(base)
+        torch.manual_seed(1)
+        cfg = LoraConfig(name="lora", r=4, alpha=8, target_modules=["x"], fused_forward=fused)
+        layer.add_adapter("a", cfg)
+        nn.init.normal_(layer.lora_B["a"])
+        layers[fused] = layer
+    x = torch.randn(3, 5, 24)
+    calls = []
+    real = LoraLayer._fused_forward
+    monkeypatch.setattr(LoraLayer, "_fused_forward", lambda self, x: calls.append(1) or real(self, x))
+    on, off = layers[True](x), layers[False](x)
+    assert calls == [1]  # only the layer with the switch on took the fused path
+    torch.testing.assert_close(on, off)

@@ -47,6 +47,11 @@ class LoraConfig(MethodConfigBase):
         "except the output head). Default: the architecture's attention q/v projections.",
     )
     use_rslora: bool = Field(False, description="Rank-stabilised scale alpha/sqrt(r).")
+    fused_forward: bool = Field(
+        True,
+        description="Plain LoRA on an nn.Linear base runs as the base GEMM plus one in-place rank-r addmm_ (no "
+        "(tokens x d_out) temporaries); false: base output + a separate LoRA delta (same numbers, for comparison).",
+    )
     use_dora: bool = Field(
         False, description="DoRA: learn a per-output-row magnitude and the LoRA direction."
     )

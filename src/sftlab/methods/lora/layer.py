@@ -48,6 +48,7 @@ class LoraLayer(nn.Module):
         self.lora_magnitude_vector = nn.ParameterDict()  # name -> (d_out,), DoRA only
         self.scaling: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
+        self.fused: dict[str, bool] = {}  # adapter -> may take the fused forward (LoraConfig.fused_forward)
         self.active: str | None = None
         self.disabled = False
         self.merged: str | None = None
@@ -86,6 +87,7 @@ class LoraLayer(nn.Module):
         self.lora_B[name] = nn.Parameter(b)
         self.scaling[name] = cfg.scaling
         self.dropout[name] = cfg.dropout
+        self.fused[name] = cfg.fused_forward
         if cfg.init == "pissa":
             self._pissa_init(name)
         if cfg.use_dora:
@@ -131,6 +133,7 @@ class LoraLayer(nn.Module):
                 del d[name]
         self.scaling.pop(name, None)
         self.dropout.pop(name, None)
+        self.fused.pop(name, None)
         if self.active == name:
             self.active = None
 
@@ -158,6 +161,7 @@ class LoraLayer(nn.Module):
             or self.disabled
             or self.merged is not None
             or name not in self.lora_A
+            or not self.fused.get(name, True)
         ):
             return False
         return (
