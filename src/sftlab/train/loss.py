@@ -1,10 +1,10 @@
 """Loss on supervised positions only.
 
-For causal LMs the LM head runs only where labels != -100, in chunks, so no [tokens x vocab] tensor
-is ever built (not for prompt or pad positions, and not for all supervised ones at once either); a plain
-Linear head gets a fused head + cross-entropy whose gradients come out of the forward pass. Every method keeps `model.base_model(...)` aligned with
-`input_ids` (methods that prepend virtual tokens strip them from the base model's output), so this
-one function serves all methods. Returns the *sum* of token losses and the token count, so the loop
+For causal LMs the LM head runs only where labels != -100, in chunks, so no [tokens x vocab] tensor is ever
+built (not for prompt or pad positions, and not for all supervised ones at once either); a plain Linear head
+gets a fused head + cross-entropy whose gradients come out of the forward pass. Every method keeps
+`model.base_model(...)` aligned with `input_ids` (methods that prepend virtual tokens strip them from the base
+model's output), so this one function serves all methods. Returns the *sum* of token losses and the token count, so the loop
 can normalise per supervised token across a whole accumulated batch.
 """
 
@@ -142,6 +142,8 @@ def causal_lm_loss(
     varlen_attn: bool = True,
     trim_last_mlp: bool = True,
 ) -> tuple[torch.Tensor, int]:
+    """fused: fused head + cross-entropy (else checkpointed chunks); varlen_attn: packed rows attend per example;
+    trim_last_mlp: the last block's MLP only on positions the loss reads (tail.py)."""
     labels = batch["labels"]  # (B, T)
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
     body = model.base_model
@@ -205,21 +207,14 @@ def seq_cls_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
 
 
 def compute_loss(
-    model: nn.Module,
-    batch: dict,
-    task: str,
-    chunk_size: int = DEFAULT_CHUNK,
-    fused: bool = True,
-    varlen_attn: bool = True,
-    trim_last_mlp: bool = True,
+    model: nn.Module, batch: dict, task: str, chunk_size: int = DEFAULT_CHUNK, **levers: bool
 ) -> tuple[torch.Tensor, int]:
     """(sum of per-token losses, number of supervised tokens) for one micro-batch.
 
-    fused: fused head + cross-entropy (else checkpointed chunks); varlen_attn: packed rows attend per example;
-    trim_last_mlp: the last block's MLP only on positions the loss reads (tail.py).
+    levers: the speed switches of `causal_lm_loss` (fused, varlen_attn, trim_last_mlp), all on unless given.
     """
     if task == "causal-lm":
-        return causal_lm_loss(model, batch, chunk_size, fused, varlen_attn, trim_last_mlp)
+        return causal_lm_loss(model, batch, chunk_size, **levers)
     if task == "seq2seq":
         return seq2seq_loss(model, batch)
     if task == "seq-cls":

@@ -40,9 +40,3 @@ def set_malloc_mmap_threshold(nbytes: int = DEFAULT_MMAP_THRESHOLD) -> bool:
     ok = libc.mallopt(M_MMAP_THRESHOLD, int(nbytes)) == 1
     # Trim the heap top as soon as 2x the threshold is free there (the default would be 2x the grown threshold).
     return ok and libc.mallopt(M_TRIM_THRESHOLD, 2 * int(nbytes)) == 1
-
-
-def trim() -> bool:
-    """Give free heap memory back to the OS now (glibc malloc_trim); False where unavailable."""
-    libc = _libc()
-    return bool(libc is not None and hasattr(libc, "malloc_trim") and libc.malloc_trim(0))
