@@ -97,10 +97,11 @@ class TrainConfig(StrictModel):
     seed: int = Field(0, description="Seed for init, data order and dropout.")
     group_by_length: bool = Field(True, description="Length-bucketed batches (less padding).")
     loss_chunk_size: int = Field(
-        256,
+        512,
         gt=0,
-        description="Supervised positions per LM-head chunk: its (chunk x vocab) fp32 logits are the largest "
-        "transient tensor (256 x 32000 = 33 MB); bigger chunks are no faster on CPU.",
+        description="Supervised positions per LM-head chunk: its (chunk x vocab) fp32 logits (512 x 32000 = 66 MB) "
+        "live in one buffer reused by every chunk; the head GEMM runs faster on more rows (256 -> 512: ~+25% on "
+        "CPU), bigger buffers cost memory.",
     )
     packing: bool | None = Field(
         None,
@@ -127,6 +128,12 @@ class TrainConfig(StrictModel):
         description="Low-memory mode (Linux/glibc), set when training starts: blocks of at least this many bytes "
         "(e.g. 262144) get their own mmap, so freed activations go back to the OS instead of staying in a "
         "fragmented heap: B1 benchmark peak RSS -30%, but ~2x step time (page faults). null: malloc as it is.",
+    )
+    malloc_retain: bool = Field(
+        True,
+        description="Linux/glibc, set when training starts: freed activations stay mapped for the next step "
+        "(no heap trimming, fixed 32 MB mmap threshold) instead of being returned and page-faulted back in every "
+        "step (B1: ~30x fewer minor faults, +30 MB peak RSS). Ignored when malloc_mmap_threshold is set.",
     )
     varlen_attention: bool = Field(
         True,

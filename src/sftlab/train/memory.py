@@ -1,4 +1,4 @@
-"""Opt-in low-memory malloc setting for training (`train.malloc_mmap_threshold`): freed activations go back to the OS.
+"""glibc malloc settings for training: keep freed activations (default) or give them back (low-memory mode).
 
 A training step allocates and frees the same few hundred MB of activations every step, in blocks of 0.1-130 MB.
 glibc's malloc serves a block from the heap whenever a free chunk fits, and grows its mmap threshold (up to
@@ -9,6 +9,12 @@ Llama, LoRA, 2 threads), 2048-token passes: peak RSS 2,247 -> 1,510 MB; but ever
 activations in anew (1.2M minor faults, 2.7 s of system time per step) and the step takes ~2x as long. So it
 is off by default; smaller passes (`micro_batch_tokens`) and loss chunks (`loss_chunk_size`) cut the peak
 at no speed cost instead.
+
+The default (`train.malloc_retain`) goes the other way: never trim the heap and fix the mmap threshold at glibc's
+32 MB ceiling, so after the first step every activation (and the 33 MB logit chunk) reuses pages already
+mapped. With glibc's dynamic thresholds the heap top is trimmed and re-faulted step after step: B1 measured
+9-38 thousand minor faults and 0.05-0.17 s of system time per step; retained, ~1,100 faults and 0.03 s, for
++30 MB peak RSS.
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ import ctypes.util
 import sys
 
 M_TRIM_THRESHOLD = -1
+M_TOP_PAD = -2
 M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's ceiling for the mmap threshold on 64-bit
 DEFAULT_MMAP_THRESHOLD = 256 * 1024
 
 
@@ -40,3 +48,15 @@ def set_malloc_mmap_threshold(nbytes: int = DEFAULT_MMAP_THRESHOLD) -> bool:
     ok = libc.mallopt(M_MMAP_THRESHOLD, int(nbytes)) == 1
     # Trim the heap top as soon as 2x the threshold is free there (the default would be 2x the grown threshold).
     return ok and libc.mallopt(M_TRIM_THRESHOLD, 2 * int(nbytes)) == 1
+
+
+def retain_freed_memory() -> bool:
+    """Freed blocks stay mapped in the heap for the next step's activations; True when glibc accepted it."""
+    libc = _libc()
+    if libc is None:
+        return False
+    return (
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) == 1  # fixed: also stops the dynamic growth
+        and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1  # never give the heap top back
+        and libc.mallopt(M_TOP_PAD, 64 * 1024 * 1024) == 1  # grow the heap in 64 MB steps
+    )

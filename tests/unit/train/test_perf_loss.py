@@ -94,7 +94,16 @@ def test_no_full_vocab_tensor_is_ever_built(monkeypatch):
             rows.append(out.shape[0])
         return out
 
+    real_into = loss_mod._logits_into
+
+    def spy_into(hc, w, b, buf_rows):
+        out = real_into(hc, w, b, buf_rows)
+        rows.append(out.shape[0])
+        assert out.untyped_storage().nbytes() <= 8 * vocab * 4  # the reused buffer holds one chunk
+        return out
+
     monkeypatch.setattr(loss_mod.F, "linear", spy)
+    monkeypatch.setattr(loss_mod, "_logits_into", spy_into)
     loss, n = compute_loss(model, batch, "causal-lm", chunk_size=8)
     loss.backward()
     assert n > 8 and rows and max(rows) <= 8 and sum(rows) == n
@@ -115,3 +124,28 @@ def test_confidently_wrong_rows_keep_an_exact_loss():
     (gh,) = torch.autograd.grad(got, (h,))
     (rh,) = torch.autograd.grad(ref.sum(), (h,))
     torch.testing.assert_close(gh, rh)
+
+
+def test_logits_buffer_is_reused_and_reuse_keeps_every_call_exact():
+    """One (chunk, V) buffer per head weight serves every call; a later, smaller call overwrites it and both
+    calls' losses and gradients still equal the reference; the buffer goes with the weight."""
+    torch.manual_seed(0)
+    w, b = torch.randn(50, 8), torch.randn(50)
+    ptrs = []
+    real_into = loss_mod._logits_into
+    for n in (11, 5, 11):
+        h = torch.randn(n, 8, requires_grad=True)
+        y = torch.randint(0, 50, (n,))
+        ref_h = h.detach().clone().requires_grad_(True)
+        ref = torch.nn.functional.cross_entropy(ref_h @ w.T + b, y, reduction="sum")
+        ref.backward()
+        got = linear_cross_entropy_sum(h, w, b, y, chunk_size=4)
+        got.backward()
+        torch.testing.assert_close(got, ref)
+        torch.testing.assert_close(h.grad, ref_h.grad)
+        ptrs.append(real_into(h[:1].detach(), w, b, 4).data_ptr())
+    assert len(set(ptrs)) == 1  # the same buffer every time
+    key = id(w)
+    assert key in loss_mod._logit_buffers
+    del w
+    assert key not in loss_mod._logit_buffers
