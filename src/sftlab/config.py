@@ -148,6 +148,11 @@ class TrainConfig(StrictModel):
         description="Causal LMs: the last block's MLP runs only on positions the loss reads (its output elsewhere "
         "feeds nothing); same loss and gradients.",
     )
+    fused_rope: bool = Field(
+        True,
+        description="Causal LMs: rotary embeddings as one autograd node per tensor (3 kernels each way instead of "
+        "~10) in place of transformers' own, where a probe shows the same values; off: transformers' function.",
+    )
     threads: int | None = Field(None, gt=0, description="torch threads; default: physical cores.")
     progress: bool = Field(True, description="Show a progress bar.")
 

@@ -148,6 +148,7 @@ class Trainer:
             ("fused", c.fused_loss),
             ("varlen_attn", c.varlen_attention),
             ("trim_last_mlp", c.trim_last_mlp),
+            ("fused_rope", c.fused_rope),
         )
         return {k: False for k, on in levers if not on}
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import tail, varlen
+from . import rope, tail, varlen
 
 IGNORE = -100
 # (512, 32000) fp32 logits = 66 MB, in one buffer kept per head weight (below). The head GEMM runs faster on
@@ -167,9 +167,10 @@ def causal_lm_loss(
     fused: bool = True,
     varlen_attn: bool = True,
     trim_last_mlp: bool = True,
+    fused_rope: bool = True,
 ) -> tuple[torch.Tensor, int]:
     """fused: fused head + cross-entropy (else checkpointed chunks); varlen_attn: packed rows attend per example;
-    trim_last_mlp: the last block's MLP only on positions the loss reads (tail.py)."""
+    trim_last_mlp: the last block's MLP only on positions the loss reads (tail.py); fused_rope: rope.py."""
     labels = batch["labels"]  # (B, T)
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
     body = model.base_model
@@ -181,7 +182,11 @@ def causal_lm_loss(
     mask = target != IGNORE  # (B, T-1)
     read = F.pad(mask, (0, 1))  # (B, T): hidden position t is read when label t+1 is supervised
     # No KV cache in training: transformers isolates packed rows (position_ids restarting) only without one.
-    with tail.supervised_only(body, read, trim_last_mlp):
+    checkpointed = tail.checkpointed(body)
+    with (
+        tail.supervised_only(body, read, trim_last_mlp and not checkpointed),
+        rope.fused_rope(body, fused_rope and not checkpointed),
+    ):
         hidden = body(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
     h = hidden[:, :-1][mask]  # (N, H)
     y = target[mask]  # (N,)
@@ -237,7 +242,7 @@ def compute_loss(
 ) -> tuple[torch.Tensor, int]:
     """(sum of per-token losses, number of supervised tokens) for one micro-batch.
 
-    levers: the speed switches of `causal_lm_loss` (fused, varlen_attn, trim_last_mlp), all on unless given.
+    levers: the speed switches of `causal_lm_loss` (fused, varlen_attn, trim_last_mlp, fused_rope), all on unless given.
     """
     if task == "causal-lm":
         return causal_lm_loss(model, batch, chunk_size, **levers)

@@ -49,15 +49,18 @@ def _returns_one_tensor(mlp: nn.Module, x: torch.Tensor) -> bool:
     return _plain[mlp]
 
 
-def _checkpointed(body: nn.Module) -> bool:
+def checkpointed(body: nn.Module) -> bool:
     return any(getattr(m, "gradient_checkpointing", False) for m in body.modules())
 
 
 @contextlib.contextmanager
 def supervised_only(body: nn.Module, read: torch.Tensor, on: bool = True) -> Iterator[None]:
-    """During the block: the last MLP sees only positions where read (B, T) is true in some row."""
+    """During the block: the last MLP sees only positions where read (B, T) is true in some row.
+
+    on=False under activation checkpointing (the caller checks `checkpointed`): recomputation runs without hooks.
+    """
     mlp = last_mlp(body) if on else None
-    if mlp is None or _checkpointed(body):
+    if mlp is None:
         yield
         return
     cols = read.any(0).nonzero().flatten()  # (T',)
