@@ -36,12 +36,12 @@ def _varlen_sdpa(module, query, key, value, segments, dropout=0.0, scaling=None)
     sizes = [e - s for s, e in zip(segments[:-1], segments[1:])]
     outs = []
     for q, k, v in zip(query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2)):
-        outs.append(
-            F.scaled_dot_product_attention(
-                q, k, v, dropout_p=dropout, scale=scaling, is_causal=q.shape[2] > 1, enable_gqa=gqa
-            )  # fmt: skip
-        )
-    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+        o = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout, scale=scaling, is_causal=q.shape[2] > 1, enable_gqa=gqa
+        )  # (1, H, T_i, D)
+        outs.append(o.transpose(1, 2))  # (1, T_i, H, D): the CPU kernel's own memory layout, so no copy
+    # one cat along T gives the (1, T, H, D) result directly (not a cat in (1, H, T, D) and a transposing copy)
+    return torch.cat(outs, dim=1), None
 
 
 def install() -> None:
