@@ -34,8 +34,12 @@ def _varlen_sdpa(module, query, key, value, segments, dropout=0.0, scaling=None)
     # split, not slices: its backward is one cat of the pieces' grads, where n slices would each zero-fill and
     # add into a full-size (1, H, T, D) gradient (n x 3 x layers extra passes over q/k/v per step)
     sizes = [e - s for s, e in zip(segments[:-1], segments[1:])]
+
+    def pieces(t):  # split along T in (1, T, H, D), the projections' layout: backward cats grads into it
+        return [p.transpose(1, 2) for p in t.transpose(1, 2).split(sizes, 1)]
+
     outs = []
-    for q, k, v in zip(query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2)):
+    for q, k, v in zip(pieces(query), pieces(key), pieces(value)):
         o = F.scaled_dot_product_attention(
             q, k, v, dropout_p=dropout, scale=scaling, is_causal=q.shape[2] > 1, enable_gqa=gqa
         )  # (1, H, T_i, D)
