@@ -148,6 +148,11 @@ class TrainConfig(StrictModel):
         description="Causal LMs: the last block's MLP runs only on positions the loss reads (its output elsewhere "
         "feeds nothing); same loss and gradients.",
     )
+    fused_optimizer: bool = Field(
+        True,
+        description="torch's fused AdamW kernel (CPU/CUDA) instead of the multi-tensor one: same update, no "
+        "full-size temporaries (B2, 58M parameters on CPU: 200-275 -> 40 ms per step).",
+    )
     fused_rope: bool = Field(
         True,
         description="Causal LMs: rotary embeddings as one autograd node per tensor (3 kernels each way instead of "

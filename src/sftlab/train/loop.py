@@ -71,7 +71,7 @@ class Trainer:
             self.total_steps = c.max_steps
         else:
             self.total_steps = max(1, math.ceil(c.epochs * self.batches_per_epoch / c.grad_accum))
-        self.optimizer = build_optimizer(self.model, c.lr, c.weight_decay, c.betas)
+        self.optimizer = build_optimizer(self.model, c.lr, c.weight_decay, c.betas, c.fused_optimizer)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, c.warmup_steps, c.schedule)
         self.ckpt_root = self.run_dir / "checkpoints"
 

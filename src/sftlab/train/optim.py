@@ -9,9 +9,14 @@ from torch import nn
 
 
 def build_optimizer(
-    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]
+    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], fused: bool = True
 ) -> torch.optim.AdamW:
-    """Frozen weights never reach the optimizer, so they get no state. Biases and norms are not decayed."""
+    """Frozen weights never reach the optimizer, so they get no state. Biases and norms are not decayed.
+
+    fused: torch's single-kernel AdamW (CPU and CUDA) where the parameters allow it, else the multi-tensor one.
+    The multi-tensor step builds full-size temporaries (sqrt of the second moment, the update): on B2's 58M
+    parameters 197-275 ms and ~56k page faults per step on CPU, where the fused step takes 37-40 ms and none.
+    """
     decay, no_decay = [], []
     seen: set[int] = set()
     for name, p in model.named_parameters():
@@ -26,6 +31,12 @@ def build_optimizer(
         for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
         if g["params"]
     ]
+    params = [p for g in groups for p in g["params"]]
+    if fused and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params):
+        try:
+            return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+        except (RuntimeError, ValueError):  # a build or dtype without the fused kernel
+            pass
     return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=True)
 
 

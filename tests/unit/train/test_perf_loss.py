@@ -149,3 +149,13 @@ def test_logits_buffer_is_reused_and_reuse_keeps_every_call_exact():
     assert key in loss_mod._logit_buffers
     del w
     assert key not in loss_mod._logit_buffers
+
+
+def test_fused_loss_refuses_a_second_backward_with_retained_graph():
+    """Its stored gradients are scaled in place, so a second backward would be wrong: it says so instead."""
+    h = torch.randn(5, 8, requires_grad=True)
+    w = torch.randn(30, 8, requires_grad=True)
+    loss = linear_cross_entropy_sum(h, w, None, torch.randint(0, 30, (5,)))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backpropagated twice"):
+        loss.backward()
