@@ -205,3 +205,18 @@ def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def changed_keys(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> set[str]:
     """State-dict entries whose values differ from the snapshot `before`."""
     return {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+
+
+def with_lora(model: torch.nn.Module, name: str, tokenizer=None) -> torch.nn.Module:
+    """LoRA r=4 on every linear, B drawn N(0, 0.05) so the adapters change outputs; eval mode (no dropout), so
+    two runs of a comparison see the same network."""
+    from sftlab.methods import MethodContext, get_method
+
+    spec = get_method("lora")
+    torch.manual_seed(0)
+    cfg = spec.config(name="lora", r=4, target_modules="all-linear")
+    spec.apply(model, cfg, MethodContext("causal-lm", tokenizer, name))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    return model.eval()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import with_lora
 
 from sftlab.data import collate, collate_packed, token_budget_batches
 from sftlab.methods import MethodContext, get_method
@@ -49,16 +50,7 @@ def test_packed_hidden_states_equal_separate(name):
 @pytest.mark.parametrize("varlen_attn", [True, False])
 def test_packed_loss_and_grads_equal_padded(name, varlen_attn):
     model, tok = build_tiny(name)
-    spec = get_method("lora")
-    spec.apply(
-        model,
-        spec.config(name="lora", r=4, target_modules="all-linear"),
-        MethodContext("causal-lm", tok, name),
-    )
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.05)
-    model.eval()  # no dropout: both layouts must see the same network
+    model = with_lora(model, name, tok)  # eval: both layouts must see the same network
     exs = _examples()
     results = []
     for batch, kw in (

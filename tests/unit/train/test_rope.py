@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import with_lora
 from transformers import Qwen2Config, Qwen2ForCausalLM
 from transformers.models.llama import modeling_llama
 
 from sftlab.data.batching import collate_packed
-from sftlab.methods import MethodContext, get_method
 from sftlab.models import build_tiny, enable_activation_checkpointing
 from sftlab.train import rope
 from sftlab.train.loss import compute_loss
@@ -35,20 +35,6 @@ def _tiny_qwen2():
     return Qwen2ForCausalLM(cfg)
 
 
-def _lora(model, name: str):
-    spec = get_method("lora")
-    torch.manual_seed(0)
-    spec.apply(
-        model,
-        spec.config(name="lora", r=4, target_modules="all-linear"),
-        MethodContext("causal-lm", None, name),
-    )
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.05)
-    return model.eval()
-
-
 def _loss_and_grads(model, batch, on: bool):
     model.zero_grad(set_to_none=True)
     loss, _ = compute_loss(model, batch, "causal-lm", fused_rope=on)
@@ -58,7 +44,7 @@ def _loss_and_grads(model, batch, on: bool):
 
 @pytest.mark.parametrize("family", ["tiny-llama", "qwen2"])
 def test_fused_rope_matches_transformers_and_is_used(family, monkeypatch):
-    model = _lora(build_tiny(family)[0] if family == "tiny-llama" else _tiny_qwen2(), family)
+    model = with_lora(build_tiny(family)[0] if family == "tiny-llama" else _tiny_qwen2(), family)
     batch = _batch(model.config.vocab_size)
     assert rope._rope_modules(model.base_model)  # the one-time probe (which calls _Rope itself) done first
     calls = []
