@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
 
     times: dict[str, list[float]] = {"on": [], "off": []}
     for rep in range(args.reps + 1):  # the first round warms up and is not counted
-        for side, switch in sides.items():
+        order = list(sides.items()) if rep % 2 else list(sides.items())[::-1]  # no side always runs first
+        for side, switch in order:
             switch()
             model.zero_grad(set_to_none=True)
             t0 = time.perf_counter()

@@ -43,7 +43,14 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
         state.setdefault(int(idx), {})[name] = v
     for idx, kv in meta.get("scalars", {}).items():
         state.setdefault(int(idx), {}).update(kv)
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    # The implementation flags are this run's choice (train.fused_optimizer), not the checkpoint's: load_state_dict
+    # would otherwise bring back whichever kernel wrote the checkpoint.
+    impl = ("fused", "foreach", "capturable", "differentiable")
+    groups = [
+        {**g, **{k: cur[k] for k in impl if k in cur}}
+        for g, cur in zip(meta["param_groups"], opt.param_groups)
+    ]
+    opt.load_state_dict({"state": state, "param_groups": groups})
 
 
 def save_checkpoint(

@@ -21,7 +21,7 @@ from ..data.batching import collate, collate_packed, epoch_batches, token_budget
 from ..eval.evaluate import evaluate
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .loss import compute_loss, count_supervised
-from .memory import retain_freed_memory, set_malloc_mmap_threshold
+from .memory import release_retained_memory, retain_freed_memory, set_malloc_mmap_threshold
 from .metrics import MetricsLog, plot_loss
 from .optim import build_optimizer, build_scheduler
 from .packing import resolve_packing
@@ -210,8 +210,7 @@ class Trainer:
         c = self.cfg
         if c.malloc_mmap_threshold:
             set_malloc_mmap_threshold(c.malloc_mmap_threshold)  # see train/memory.py
-        elif c.malloc_retain:
-            retain_freed_memory()
+        retained = not c.malloc_mmap_threshold and c.malloc_retain and retain_freed_memory()
         resumed = self.resume() if resume else False
         metrics = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=self.state.step if resumed else None)
         self.model.train()
@@ -287,6 +286,8 @@ class Trainer:
             raise
         finally:
             progress.stop()
+            if retained:  # the process goes on (notebooks, sweeps): let the heap shrink again
+                release_retained_memory()
             if (self.run_dir / "metrics.jsonl").exists():
                 plot_loss(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
         return self.state

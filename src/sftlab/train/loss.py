@@ -11,6 +11,7 @@ can normalise per supervised token across a whole accumulated batch.
 from __future__ import annotations
 
 import inspect
+import threading
 import weakref
 
 import torch
@@ -27,8 +28,15 @@ DEFAULT_CHUNK = 512
 
 # head weight -> its (chunk, V) fp32 logits buffer, reused by every chunk of every pass. A fresh 66 MB block
 # is above glibc's mmap ceiling (32 MB), so it would be mapped and page-faulted in anew each time; freed with
-# the weight. Keyed by id (tensors compare elementwise), the weakref drops the entry when the weight dies.
-_logit_buffers: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+# the weight. Keyed by id (tensors compare elementwise), the weakref drops the entry when the weight dies; one
+# table per thread, so two threads scoring with one head never share a buffer.
+_local = threading.local()
+
+
+def _buffers() -> dict[int, tuple[weakref.ref, torch.Tensor]]:
+    if not hasattr(_local, "buffers"):
+        _local.buffers = {}
+    return _local.buffers
 
 
 def _logits_into(
@@ -37,11 +45,11 @@ def _logits_into(
     """hc W^T + b as fp32 (n, V); on CPU fp32 written into the weight's reusable buffer (first n rows)."""
     if weight.device.type != "cpu" or weight.dtype != torch.float32 or hc.dtype != torch.float32:
         return F.linear(hc, weight, bias).float()
-    key = id(weight)
-    ref, buf = _logit_buffers.get(key, (None, None))
-    if ref is None or ref() is not weight or buf.shape[0] < rows:
+    table, key = _buffers(), id(weight)
+    ref, buf = table.get(key, (None, None))
+    if ref is None or ref() is not weight or buf.shape[0] < rows or buf.shape[1] != weight.shape[0]:
         buf = torch.empty(rows, weight.shape[0], dtype=torch.float32)
-        _logit_buffers[key] = (weakref.ref(weight, lambda _, k=key: _logit_buffers.pop(k, None)), buf)
+        table[key] = (weakref.ref(weight, lambda _, k=key, t=table: t.pop(k, None)), buf)
     out = buf[: hc.shape[0]]
     if bias is None:
         return torch.mm(hc, weight.t(), out=out)

@@ -32,11 +32,14 @@ def build_optimizer(
         if g["params"]
     ]
     params = [p for g in groups for p in g["params"]]
-    if fused and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params):
-        try:
-            return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
-        except (RuntimeError, ValueError):  # a build or dtype without the fused kernel
-            pass
+    fusable = (
+        torch.float64,
+        torch.float32,
+        torch.float16,
+        torch.bfloat16,
+    )  # torch checks this only at step()
+    if fused and all(p.device.type in ("cpu", "cuda") and p.dtype in fusable for p in params):
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=True)
 
 

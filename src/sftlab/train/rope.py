@@ -10,7 +10,7 @@ How: a model family's attention calls the module-level `apply_rotary_pos_emb` of
 `fused_rope(body)` that global is replaced, for modules whose original passed a one-time probe (same values
 and gradients as ours), and put back afterwards; backward needs no swap (autograd holds our nodes). Not used
 under activation checkpointing (recomputation would run the original), nor for calls it does not cover
-(partial rotary dims, other layouts): those reach the original function unchanged.
+(partial rotary dims, other layouts, cos/sin in another dtype than q): those reach the original unchanged.
 """
 
 from __future__ import annotations
@@ -49,9 +49,15 @@ class _Rope(torch.autograd.Function):
         return dx, None, None
 
 
-def _covered(q: torch.Tensor, cos: torch.Tensor, unsqueeze_dim: int) -> bool:
+def _covered(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int
+) -> bool:
+    # one dtype throughout: models that pass fp32 cos/sin for a half-precision q (OLMo) cast back themselves
     return (
         unsqueeze_dim == 1
+        and q.dtype == k.dtype == cos.dtype == sin.dtype
+        and k.dim() == 4
+        and k.shape[2] == q.shape[2]
         and q.dim() == 4
         and cos.dim() == 3
         and cos.shape[-1] == q.shape[-1]
@@ -62,11 +68,11 @@ def _covered(q: torch.Tensor, cos: torch.Tensor, unsqueeze_dim: int) -> bool:
 
 def _make(original):
     def apply_rotary_pos_emb(q, k, cos, sin, *args, unsqueeze_dim=1, **kwargs):
-        if args or kwargs or not _covered(q, cos, unsqueeze_dim) or k.shape[2] != q.shape[2]:
+        if args or kwargs or not _covered(q, k, cos, sin, unsqueeze_dim):
             return original(q, k, cos, sin, *args, unsqueeze_dim=unsqueeze_dim, **kwargs)
         c, s = cos.unsqueeze(2), sin.unsqueeze(2)  # (B, T, 1, D): broadcast over heads in (B, T, H, D)
         # (B, H, T, D) -> (B, T, H, D): for projections viewed per head this is the contiguous layout
-        return (_Rope.apply(t.transpose(1, 2), c, s).transpose(1, 2) for t in (q, k))
+        return tuple(_Rope.apply(t.transpose(1, 2), c, s).transpose(1, 2) for t in (q, k))
 
     apply_rotary_pos_emb.sftlab_original = original
     return apply_rotary_pos_emb
@@ -77,12 +83,15 @@ _modules: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # body -> mod
 
 
 def _probe(original) -> bool:
-    """Same values and gradients as the module's own function on a random (1, 3, 5, 8) query and key."""
+    """Same values, dtypes and gradients as the module's own function on a random (1, 3, 5, 8) query and key.
+
+    cos and sin are drawn independently per half (real RoPE repeats one half): a function that reads the wrong
+    half, or rotates other pairs, gives different numbers.
+    """
     with torch.random.fork_rng():
         torch.manual_seed(0)
         q, k = torch.randn(1, 3, 5, 8, dtype=torch.float64), torch.randn(1, 3, 5, 8, dtype=torch.float64)
-        ang = torch.randn(1, 5, 4, dtype=torch.float64)
-        cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+        cos, sin = torch.randn(1, 5, 8, dtype=torch.float64), torch.randn(1, 5, 8, dtype=torch.float64)
     outs = []
     for fn in (original, _make(original)):
         qq, kk = q.clone().requires_grad_(True), k.clone().requires_grad_(True)
@@ -92,7 +101,7 @@ def _probe(original) -> bool:
         except Exception:  # noqa: BLE001 - a function we cannot call like this is simply not swapped
             return False
         outs.append((a, b, qq.grad, kk.grad))
-    return all(torch.allclose(x, y, rtol=1e-10, atol=1e-12) for x, y in zip(*outs))
+    return all(x.dtype == y.dtype and torch.allclose(x, y, rtol=1e-10, atol=1e-12) for x, y in zip(*outs))
 
 
 def _rope_modules(body: nn.Module) -> list[ModuleType]:

@@ -86,3 +86,26 @@ def test_retained_memory_is_reused_without_page_faults():
 
     default, retained = faults("default"), faults("retain")
     assert retained < 0.4 * default, f"minor faults: {retained} retained vs {default} with glibc's defaults"
+
+
+_RELEASE_SCRIPT = """
+import torch
+from sftlab.train.memory import release_retained_memory, retain_freed_memory
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+assert retain_freed_memory()
+blocks = [torch.ones(k * 256 * 1024) for k in range(1, 21)]  # 210 MB, then freed: retained in the heap
+del blocks
+kept = rss_mb()
+assert release_retained_memory()
+print(kept, rss_mb())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_release_after_training_gives_the_retained_memory_back():
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", _RELEASE_SCRIPT], capture_output=True, text=True, check=True)
+    kept, released = (float(x) for x in out.stdout.split())
+    assert released < kept - 150, f"RSS {kept:.0f} MB retained -> {released:.0f} MB after release"

@@ -3,6 +3,7 @@
 import torch
 from torch import nn
 
+from sftlab.train.checkpoint import _load_optimizer, _optimizer_tensors
 from sftlab.train.optim import build_optimizer
 
 
@@ -31,3 +32,19 @@ def test_fused_adamw_matches_the_multi_tensor_one():
     for a, b in zip(runs[True], runs[False]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert not torch.equal(runs[True][2], start[2])  # and it did train
+
+
+def test_resume_keeps_this_runs_optimizer_kernel():
+    """A checkpoint written by the multi-tensor AdamW resumes into the fused one (and back) with its state."""
+    for saved_fused in (False, True):
+        m = _model()
+        opt = build_optimizer(m, 1e-2, 0.0, (0.9, 0.99), fused=saved_fused)
+        m(torch.randn(2, 16)).sum().backward()
+        opt.step()
+        tensors, meta = _optimizer_tensors(opt)
+        resumed = build_optimizer(m, 1e-2, 0.0, (0.9, 0.99), fused=not saved_fused)
+        _load_optimizer(resumed, tensors, meta)
+        assert bool(resumed.param_groups[0]["fused"]) is (not saved_fused)
+        assert bool(resumed.param_groups[0]["foreach"]) is saved_fused
+        p = m[2].weight
+        torch.testing.assert_close(resumed.state[p]["exp_avg"], opt.state[p]["exp_avg"])

@@ -146,9 +146,9 @@ def test_logits_buffer_is_reused_and_reuse_keeps_every_call_exact():
         ptrs.append(real_into(h[:1].detach(), w, b, 4).data_ptr())
     assert len(set(ptrs)) == 1  # the same buffer every time
     key = id(w)
-    assert key in loss_mod._logit_buffers
+    assert key in loss_mod._buffers()
     del w
-    assert key not in loss_mod._logit_buffers
+    assert key not in loss_mod._buffers()
 
 
 def test_fused_loss_refuses_a_second_backward_with_retained_graph():
@@ -159,3 +159,23 @@ def test_fused_loss_refuses_a_second_backward_with_retained_graph():
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backpropagated twice"):
         loss.backward()
+
+
+def test_logits_buffers_are_per_thread():
+    """Two threads scoring with one head never write into the same buffer."""
+    import threading
+
+    w = torch.randn(40, 8)
+    tables = {}
+
+    def score(name):
+        h, y = torch.randn(6, 8), torch.randint(0, 40, (6,))
+        got = linear_cross_entropy_sum(h, w, None, y, chunk_size=4)
+        torch.testing.assert_close(got, torch.nn.functional.cross_entropy(h @ w.T, y, reduction="sum"))
+        tables[name] = loss_mod._buffers()[id(w)][1]
+
+    t = threading.Thread(target=score, args=("thread",))
+    t.start()
+    t.join()
+    score("main")
+    assert tables["thread"].data_ptr() != tables["main"].data_ptr()

@@ -87,8 +87,15 @@ def test_probe_rejects_a_different_rotation_and_uncovered_calls_reach_the_origin
         c, s = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
         return q * c + rot(q) * s, k * c + rot(k) * s
 
+    def first_half_cos(
+        q, k, cos, sin, unsqueeze_dim=1
+    ):  # right for real RoPE (equal halves), wrong in general
+        h = cos.shape[-1] // 2
+        return modeling_llama.apply_rotary_pos_emb(q, k, cos[..., :h].repeat(1, 1, 2), sin, unsqueeze_dim)
+
     assert rope._probe(modeling_llama.apply_rotary_pos_emb)
     assert not rope._probe(interleaved)
+    assert not rope._probe(first_half_cos)
     seen = []
     fused = rope._make(lambda *a, **k: seen.append(1) or "original")
     q = torch.randn(1, 2, 5, 8)
