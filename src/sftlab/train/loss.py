@@ -31,6 +31,7 @@ DEFAULT_CHUNK = 512
 # the weight. Keyed by id (tensors compare elementwise), the weakref drops the entry when the weight dies; one
 # table per thread, so two threads scoring with one head never share a buffer.
 _local = threading.local()
+KEEP_MAX_BYTES = 128 * 2**20  # largest buffer kept (512 rows of a 64k vocab); above it, transient logits
 
 
 def _buffers() -> dict[int, tuple[weakref.ref, torch.Tensor]]:
@@ -43,7 +44,13 @@ def _logits_into(
     hc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int
 ) -> torch.Tensor:
     """hc W^T + b as fp32 (n, V); on CPU fp32 written into the weight's reusable buffer (first n rows)."""
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or hc.dtype != torch.float32:
+    if (
+        weight.device.type != "cpu"
+        or weight.dtype != torch.float32
+        or hc.dtype != torch.float32
+        or rows * weight.shape[0] * 4
+        > KEEP_MAX_BYTES  # big vocabularies: no buffer held for the model's life
+    ):
         return F.linear(hc, weight, bias).float()
     table, key = _buffers(), id(weight)
     ref, buf = table.get(key, (None, None))

@@ -179,3 +179,15 @@ def test_logits_buffers_are_per_thread():
     t.join()
     score("main")
     assert tables["thread"].data_ptr() != tables["main"].data_ptr()
+
+
+def test_no_buffer_is_kept_above_the_size_cap(monkeypatch):
+    """A big vocabulary's chunk (e.g. 512 x 152k fp32 = 311 MB) is not held for the model's life."""
+    monkeypatch.setattr(
+        loss_mod, "KEEP_MAX_BYTES", 4 * 40 * 4 - 1
+    )  # just under one 4-row chunk of a 40 vocab
+    w = torch.randn(40, 8)
+    h, y = torch.randn(6, 8), torch.randint(0, 40, (6,))
+    got = linear_cross_entropy_sum(h, w, None, y, chunk_size=4)
+    torch.testing.assert_close(got, torch.nn.functional.cross_entropy(h @ w.T, y, reduction="sum"))
+    assert id(w) not in loss_mod._buffers()
