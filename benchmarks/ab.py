@@ -56,17 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from sftlab.methods import MethodContext, get_method
     from sftlab.methods.lora.layer import LoraLayer
     from sftlab.train.loss import compute_loss
 
-    from .workloads import TARGETS, build_model
+    from .workloads import apply_method, build_model
 
     model = build_model()
-    spec = get_method("lora")
-    torch.manual_seed(0)
-    cfg = spec.config(name="lora", r=16, alpha=32, dropout=0.0, target_modules=TARGETS)
-    spec.apply(model, cfg, MethodContext(task="causal-lm", tokenizer=None, base_model_name="bench"))
+    apply_method(model, "lora")
     with torch.no_grad():  # a trained-looking B, so the LoRA path's numbers are not all zeros
         for name, p in model.named_parameters():
             if "lora_B" in name:

@@ -57,11 +57,17 @@ def main(argv: list[str] | None = None) -> int:
 
     import sftlab
     from sftlab.config import TrainConfig
-    from sftlab.methods import MethodContext, get_method
     from sftlab.methods._targets import count_parameters
     from sftlab.train.loop import Trainer
 
-    from .workloads import TARGETS, WORKLOADS, build_model, encoded_examples, flop_params, supervised_tokens
+    from .workloads import (
+        WORKLOADS,
+        apply_method,
+        build_model,
+        encoded_examples,
+        flop_params,
+        supervised_tokens,
+    )  # fmt: skip
 
     transformers.logging.set_verbosity_error()
     import_s = time.perf_counter() - t_import
@@ -70,18 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     model = build_model(args.seed, args.attn)
     n_flop = flop_params(model)
-    spec = get_method(wl["method"])
     overrides = _parse_sets(args.set)
     method_sets = {
         k.removeprefix("method."): overrides.pop(k) for k in list(overrides) if k.startswith("method.")
     }
-    mcfg = spec.config(name=wl["method"], **method_sets)
-    if wl["method"] == "lora":
-        mcfg = spec.config(name="lora", r=16, alpha=32, dropout=0.0, target_modules=TARGETS, **method_sets)
-    torch.manual_seed(args.seed)
-    spec.apply(
-        model, mcfg, MethodContext(task="causal-lm", tokenizer=None, base_model_name="bench-llama-58m")
-    )
+    apply_method(model, wl["method"], args.seed, **method_sets)
     trainable, total = count_parameters(model)
     examples = encoded_examples(args.examples, 32000, args.max_length, args.seed)
 

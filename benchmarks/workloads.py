@@ -67,6 +67,20 @@ def build_model(seed: int = 0, attn: str = "sdpa"):
     return LlamaForCausalLM(cfg).to(torch.float32)
 
 
+def apply_method(model, method: str, seed: int = 0, **overrides) -> None:
+    """The workload's method on the model: LoRA r=16, alpha=32, no dropout on all seven projections (B1), or
+    full fine-tuning (B2); `overrides` are method config fields."""
+    import torch
+
+    from sftlab.methods import MethodContext, get_method
+
+    spec = get_method(method)
+    lora = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": TARGETS} if method == "lora" else {}
+    cfg = spec.config(name=method, **{**lora, **overrides})
+    torch.manual_seed(seed)
+    spec.apply(model, cfg, MethodContext(task="causal-lm", tokenizer=None, base_model_name="bench-llama-58m"))
+
+
 def flop_params(model) -> int:
     """N in MFU's 4N/6N: non-embedding parameters plus the LM head's (41,689,600 for B1)."""
     emb = model.get_input_embeddings().weight

@@ -208,9 +208,11 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> LoopState:
         c = self.cfg
+        retained = False  # see train/memory.py
         if c.malloc_mmap_threshold:
-            set_malloc_mmap_threshold(c.malloc_mmap_threshold)  # see train/memory.py
-        retained = not c.malloc_mmap_threshold and c.malloc_retain and retain_freed_memory()
+            set_malloc_mmap_threshold(c.malloc_mmap_threshold)
+        elif c.malloc_retain:
+            retained = retain_freed_memory()
         resumed = self.resume() if resume else False
         metrics = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=self.state.step if resumed else None)
         self.model.train()

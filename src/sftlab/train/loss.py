@@ -44,13 +44,9 @@ def _logits_into(
     hc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int
 ) -> torch.Tensor:
     """hc W^T + b as fp32 (n, V); on CPU fp32 written into the weight's reusable buffer (first n rows)."""
-    if (
-        weight.device.type != "cpu"
-        or weight.dtype != torch.float32
-        or hc.dtype != torch.float32
-        or rows * weight.shape[0] * 4
-        > KEEP_MAX_BYTES  # big vocabularies: no buffer held for the model's life
-    ):
+    nbytes = rows * weight.shape[0] * 4  # big vocabularies: no buffer held for the model's life
+    fp32 = weight.dtype == hc.dtype == torch.float32
+    if weight.device.type != "cpu" or not fp32 or nbytes > KEEP_MAX_BYTES:
         return F.linear(hc, weight, bias).float()
     table, key = _buffers(), id(weight)
     ref, buf = table.get(key, (None, None))

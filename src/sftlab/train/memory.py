@@ -28,6 +28,7 @@ M_TOP_PAD = -2
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's ceiling for the mmap threshold on 64-bit
 DEFAULT_MMAP_THRESHOLD = 256 * 1024
+GLIBC_TRIM_THRESHOLD = 128 * 1024  # glibc's own default
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -67,5 +68,5 @@ def release_retained_memory() -> bool:
     libc = _libc()
     if libc is None:
         return False
-    ok = libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024) == 1
+    ok = libc.mallopt(M_TRIM_THRESHOLD, GLIBC_TRIM_THRESHOLD) == 1
     return ok and libc.malloc_trim(0) in (0, 1)

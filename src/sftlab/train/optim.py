@@ -7,6 +7,9 @@ import math
 import torch
 from torch import nn
 
+# What torch's fused AdamW kernel takes; torch itself checks only at the first step().
+FUSED_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
 
 def build_optimizer(
     model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], fused: bool = True
@@ -32,13 +35,7 @@ def build_optimizer(
         if g["params"]
     ]
     params = [p for g in groups for p in g["params"]]
-    fusable = (
-        torch.float64,
-        torch.float32,
-        torch.float16,
-        torch.bfloat16,
-    )  # torch checks this only at step()
-    if fused and all(p.device.type in ("cpu", "cuda") and p.dtype in fusable for p in params):
+    if fused and all(p.device.type in ("cpu", "cuda") and p.dtype in FUSED_DTYPES for p in params):
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=True)
 

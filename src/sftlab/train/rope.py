@@ -56,13 +56,11 @@ def _covered(
     return (
         unsqueeze_dim == 1
         and q.dtype == k.dtype == cos.dtype == sin.dtype
-        and k.dim() == 4
-        and k.shape[2] == q.shape[2]
-        and q.dim() == 4
+        and q.dim() == k.dim() == 4
         and cos.dim() == 3
+        and k.shape[2] == q.shape[2] == cos.shape[1]
         and cos.shape[-1] == q.shape[-1]
         and q.shape[-1] % 2 == 0
-        and cos.shape[1] == q.shape[2]
     )
 
 
