@@ -11,6 +11,8 @@ How: a model family's attention calls the module-level `apply_rotary_pos_emb` of
 and gradients as ours), and put back afterwards; backward needs no swap (autograd holds our nodes). Not used
 under activation checkpointing (recomputation would run the original), nor for calls it does not cover
 (partial rotary dims, other layouts, cos/sin in another dtype than q): those reach the original unchanged.
+The swap is process-wide while it lasts: another thread running the same model family at that moment gets the
+fused function too (same values); it is not locked.
 """
 
 from __future__ import annotations
