@@ -33,12 +33,12 @@ def _parse_sets(items: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workload", choices=["B1", "B2"], default="B1")
+    ap.add_argument("--workload", choices=["B1", "B2", "B3"], default="B1")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=512)
-    ap.add_argument("--examples", type=int, default=512)
+    ap.add_argument("--examples", type=int, default=512, help="B1/B2 rows (B3 has the quickstart's 400)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     ap.add_argument("--seed", type=int, default=0)
@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         build_model,
         encoded_examples,
         flop_params,
+        real_examples,
+        real_model_dir,
         supervised_tokens,
     )  # fmt: skip
 
@@ -74,7 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     wl = WORKLOADS[args.workload]
 
     t0 = time.perf_counter()
-    model = build_model(args.seed, args.attn)
+    if wl.get("real"):
+        from sftlab.models import load_model
+
+        model, tok = load_model(real_model_dir(), "causal-lm", "float32", attn_implementation=args.attn)
+        examples, pad_id = real_examples(tok, seed=args.seed, max_len=args.max_length), tok.pad_token_id
+    else:
+        model = build_model(args.seed, args.attn)
+        examples, pad_id = encoded_examples(args.examples, 32000, args.max_length, args.seed), 0
     n_flop = flop_params(model)
     overrides = _parse_sets(args.set)
     method_sets = {
@@ -82,7 +91,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     apply_method(model, wl["method"], args.seed, **method_sets)
     trainable, total = count_parameters(model)
-    examples = encoded_examples(args.examples, 32000, args.max_length, args.seed)
 
     stats: dict[str, list] = {"real": [], "loss_tok": [], "tensor": [], "passes": [], "t_end": [], "cpu": []}
 
@@ -111,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         weight_decay=0.0, seed=args.seed, progress=False, log_every=10**9, threads=args.threads, **overrides,
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Clocked(model=model, cfg=tcfg, task="causal-lm", train_examples=examples, pad_id=0,
+        trainer = Clocked(model=model, cfg=tcfg, task="causal-lm", train_examples=examples, pad_id=pad_id,
                           run_dir=__import__("pathlib").Path(tmp), log=lambda *_: None)  # fmt: skip
         setup_s = time.perf_counter() - t0
         t1 = time.perf_counter()

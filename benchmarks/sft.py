@@ -8,6 +8,7 @@ ours/peer ratios against the peer's best variant per measure (per pair, then the
 row to benchmarks/results.jsonl with versions and machine info.
 
   python -m benchmarks.sft                                  # B1 and B2, default peer variants, 2 pairs
+  python -m benchmarks.sft --workload B3                    # the real SmolLM2-135M (peer: benchmarks/peer_real.py)
   python -m benchmarks.sft --workload B1 --pairs 1 --steps 4 --warmup 1
   python -m benchmarks.sft --workload B2 --peer-variants full-pad --ours-set max_tokens=2048
   python -m benchmarks.sft --no-peer                        # ours only (e.g. where ../shared is absent)
@@ -51,9 +52,9 @@ def _run(cmd: list[str], timeout: float) -> dict | None:
     return res
 
 
-def peer_available() -> str | None:
-    """None when the peer can run, else why not."""
-    if not PEER.is_file():
+def peer_available(real: bool = False) -> str | None:
+    """None when the peer can run, else why not. B3's peer (benchmarks/peer_real.py) needs no ../shared."""
+    if not real and not PEER.is_file():
         return f"peer runner not found at {PEER} (needs the ../shared checkout)"
     try:
         import peft  # noqa: F401
@@ -138,7 +139,7 @@ def _row(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workload", choices=["B1", "B2", "all"], default="all")
+    ap.add_argument("--workload", choices=["B1", "B2", "B3", "all"], default="all", help="all: B1 and B2")
     ap.add_argument("--pairs", type=int, default=2, help="(peer..., ours) rounds per workload")
     ap.add_argument("--steps", type=int, default=6, help="measured optimizer steps per run")
     ap.add_argument("--warmup", type=int, default=2)
@@ -153,15 +154,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
 
-    why_no_peer = "--no-peer given" if args.no_peer else peer_available()
-    if why_no_peer:
-        print(f"peer skipped: {why_no_peer}")
     common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--threads", str(args.threads)]
     peaks = Peaks(args.threads)
     meta = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(), "steps": args.steps,
             "warmup": args.warmup}  # fmt: skip
     workloads = ["B1", "B2"] if args.workload == "all" else [args.workload]
     for wl in workloads:
+        real = WORKLOADS[wl].get("real", False)
+        why_no_peer = "--no-peer given" if args.no_peer else peer_available(real)
+        if why_no_peer:
+            print(f"{wl}: peer skipped: {why_no_peer}")
+        peer_cmd = [sys.executable, str(PEER)]
+        if real and not why_no_peer:
+            peer_cmd = [sys.executable, "-m", "benchmarks.peer_real", *_real_inputs()]
         variants = args.peer_variants.split(",") if args.peer_variants else WORKLOADS[wl]["peer"]
         variants = [v for v in variants if v.startswith(WORKLOADS[wl]["method"])]
         rows, ratios = [], []
@@ -170,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             if not why_no_peer:
                 for v in variants:
                     print(f"[{wl} pair {pair + 1}] peer {v} ...", flush=True)
-                    r = peaks.around([sys.executable, str(PEER), "--variant", v, *common], args.timeout)
+                    r = peaks.around([*peer_cmd, "--variant", v, *common], args.timeout)
                     if r:
                         peers.append({**r, "side": "peer", "workload": wl})
             print(f"[{wl} pair {pair + 1}] sftlab ...", flush=True)
@@ -191,6 +196,20 @@ def main(argv: list[str] | None = None) -> int:
                 f.write(json.dumps({**meta, "workload": wl, "ratios_per_pair": ratios,
                                     "ratios_median": _median(ratios)}) + "\n")  # fmt: skip
     return 0
+
+
+def _real_inputs() -> list[str]:
+    """B3's model directory and its rows (encoded by sftlab, written once) as the peer runner's arguments."""
+    import tempfile
+
+    from sftlab.models import load_tokenizer
+
+    from .workloads import as_peer_rows, real_examples, real_model_dir
+
+    model_dir = real_model_dir()
+    rows = Path(tempfile.mkdtemp(prefix="sftlab-b3-")) / "rows.json"
+    rows.write_text(json.dumps(as_peer_rows(real_examples(load_tokenizer(model_dir)))))
+    return ["--model-dir", model_dir, "--rows", str(rows)]
 
 
 def _median(ratios: list[dict]) -> dict:

