@@ -184,7 +184,7 @@ def _profiled_fit(trainer, warmup: int, out_path: str) -> None:
     prof.__exit__(None, None, None)
     avg = prof.key_averages(group_by_input_shape=False)
     with open(out_path, "w") as f:
-        f.write(_by_category(prof) + "\n\n")
+        f.write(_by_category(prof, trainer.model.config.vocab_size) + "\n\n")
         f.write(avg.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=60))
         f.write("\n\nby shape:\n")
         f.write(
@@ -192,9 +192,9 @@ def _profiled_fit(trainer, warmup: int, out_path: str) -> None:
         )
 
 
-def _category(name: str, shapes: str) -> str:
+def _category(name: str, shapes: str, vocab: int) -> str:
     if name in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm"):
-        if "32000" in shapes:
+        if str(vocab) in shapes:
             return "GEMM: LM head (supervised rows)"
         if ", 16]" in shapes or "[16," in shapes:
             return "GEMM: LoRA rank-16 (thin)"
@@ -204,13 +204,13 @@ def _category(name: str, shapes: str) -> str:
     return "elementwise, copies and the rest"  # incl. autograd/profiler wrappers' own (bookkeeping) time
 
 
-def _by_category(prof) -> str:
+def _by_category(prof, vocab: int) -> str:
     """Self CPU time by what the work is: the profile summary the README quotes."""
     cats: dict[str, float] = {}
     total = 0.0
     for e in prof.key_averages(group_by_input_shape=True):
         total += e.self_cpu_time_total
-        cat = _category(e.key, str(e.input_shapes))
+        cat = _category(e.key, str(e.input_shapes), vocab)
         cats[cat] = cats.get(cat, 0.0) + e.self_cpu_time_total
     lines = ["where the measured steps' self CPU time went:"]
     for cat, t in sorted(cats.items(), key=lambda kv: -kv[1]):

@@ -200,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _real_inputs() -> list[str]:
     """B3's model directory and its rows (encoded by sftlab, written once) as the peer runner's arguments."""
+    import atexit
+    import shutil
     import tempfile
 
     from sftlab.models import load_tokenizer
@@ -207,7 +209,9 @@ def _real_inputs() -> list[str]:
     from .workloads import as_peer_rows, real_examples, real_model_dir
 
     model_dir = real_model_dir()
-    rows = Path(tempfile.mkdtemp(prefix="sftlab-b3-")) / "rows.json"
+    tmp = tempfile.mkdtemp(prefix="sftlab-b3-")
+    atexit.register(shutil.rmtree, tmp, True)
+    rows = Path(tmp) / "rows.json"
     rows.write_text(json.dumps(as_peer_rows(real_examples(load_tokenizer(model_dir)))))
     return ["--model-dir", model_dir, "--rows", str(rows)]
 
