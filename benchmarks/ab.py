@@ -10,7 +10,8 @@ trainer's own batching, and times forward + backward of all four with the lever 
   python -m benchmarks.ab --lever loss_chunk_size=256:512
 
 Levers: the switches of `causal_lm_loss` (fused, varlen_attn, trim_last_mlp, fused_rope), `method.fused_forward`
-(LoRA as one autograd node vs base + separate delta), or `loss_chunk_size=A:B`.
+(LoRA as one autograd node vs base + separate delta), `onednn_gemm` (sftlab/gemm.py), or `loss_chunk_size=A:B`.
+`--method full` runs the B2 setup instead of LoRA.
 """
 
 from __future__ import annotations
@@ -51,18 +52,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lever", required=True)
     ap.add_argument("--reps", type=int, default=12)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--method", default="lora", choices=["lora", "full"])
     args = ap.parse_args(argv)
+
+    import contextlib
 
     import torch
 
     torch.set_num_threads(args.threads)
+    from sftlab import gemm
     from sftlab.methods.lora.layer import LoraLayer
     from sftlab.train.loss import compute_loss
+    from sftlab.train.memory import retain_freed_memory
 
     from .workloads import apply_method, build_model
 
+    retain_freed_memory()  # as `fit` does (train.malloc_retain)
     model = build_model()
-    apply_method(model, "lora")
+    apply_method(model, args.method)
     with torch.no_grad():  # a trained-looking B, so the LoRA path's numbers are not all zeros
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -71,7 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     passes = _passes(model)
     opts: dict = {}
     chunk = {"on": 512, "off": 512}
-    if args.lever in LOSS_LEVERS:
+    dnn = {"on": True}  # the trainer's default (train.onednn_gemm)
+    if args.lever == "onednn_gemm":
+        sides = {"on": lambda: dnn.update(on=True), "off": lambda: dnn.update(on=False)}
+    elif args.lever in LOSS_LEVERS:
         sides = {
             "on": lambda: opts.update({args.lever: True}),
             "off": lambda: opts.update({args.lever: False}),
@@ -99,8 +109,11 @@ def main(argv: list[str] | None = None) -> int:
             model.zero_grad(set_to_none=True)
             t0 = time.perf_counter()
             for batch in passes:
-                loss, _ = compute_loss(model, batch, "causal-lm", chunk[side], **opts)
-                (loss / 1000).backward()
+                with contextlib.ExitStack() as stack:
+                    stack.enter_context(gemm.enabled(dnn["on"]))
+                    stack.enter_context(gemm.linears(model, dnn["on"]))
+                    loss, _ = compute_loss(model, batch, "causal-lm", chunk[side], **opts)
+                    (loss / 1000).backward()
             if rep:
                 times[side].append(time.perf_counter() - t0)
     tokens = sum(b["input_ids"].numel() for b in passes)

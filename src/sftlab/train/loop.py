@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import gemm
 from ..config import TrainConfig
 from ..data.batching import balanced_parts, collate, collate_packed, epoch_batches, token_budget_batches
 from ..eval.evaluate import evaluate
@@ -117,11 +118,13 @@ class Trainer:
             return 0.0, 0, 0
         loss_sum = 0.0
         real = 0
+        dnn = self.cfg.onednn_gemm
         for batch in micro:
-            loss, _ = compute_loss(
-                self.model, batch, self.task, self.cfg.loss_chunk_size, **self._loss_options()
-            )
-            (loss / n_total).backward()
+            with gemm.enabled(dnn), gemm.linears(self.model, dnn):  # forward and backward (gemm.py)
+                loss, _ = compute_loss(
+                    self.model, batch, self.task, self.cfg.loss_chunk_size, **self._loss_options()
+                )
+                (loss / n_total).backward()
             loss_sum += float(loss.detach())
             real += (
                 int(batch["attention_mask"].sum())

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import gemm
 from . import rope, tail, varlen
 
 IGNORE = -100
@@ -32,6 +33,10 @@ DEFAULT_CHUNK = 512
 # table per thread, so two threads scoring with one head never share a buffer.
 _local = threading.local()
 KEEP_MAX_BYTES = 128 * 2**20  # largest buffer kept (512 rows of a 64k vocab); above it, transient logits
+# oneDNN (gemm.py) writes each chunk's logits into a new tensor: chunks are cut to stay under glibc's largest
+# mmap threshold (32 MB), so the block comes back from the heap each time instead of being mapped and
+# page-faulted anew (B1: 262 rows of 32k fp32 logits; oneDNN runs them faster than MKL runs 512).
+DNN_LOGITS_MAX_BYTES = 32 * 2**20 - 2**16
 
 
 def _buffers() -> dict[int, tuple[weakref.ref, torch.Tensor]]:
@@ -96,7 +101,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     as the logits are, so it is turned into dh (and dW, db when they train) right away and the logits are
     dropped. Backward then only scales the stored gradients by the incoming scalar: no recomputation (the
     checkpointed path runs the head matmul three times, this one twice plus dW), and never a [N x V] tensor.
-    The chunk's logits go into one buffer reused across chunks and passes (`_logits_into`).
+    The chunk's logits go into one buffer reused across chunks and passes (`_logits_into`); with oneDNN on
+    (`sftlab.gemm`, fp32 CPU) they come from oneDNN in chunks of at most DNN_LOGITS_MAX_BYTES instead.
     """
 
     @staticmethod
@@ -109,16 +115,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
             torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         )  # (V, H)
         gb = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None  # (V,)
+        dnn = gemm.active() and h.device.type == "cpu"
+        dnn = dnn and h.dtype == weight.dtype == torch.float32
+        if dnn:
+            chunk_size = min(chunk_size, max(1, DNN_LOGITS_MAX_BYTES // (4 * weight.shape[0])))
         for s in range(0, h.shape[0], chunk_size):
             hc, yc = h[s : s + chunk_size], y[s : s + chunk_size]  # (n, H), (n,)
             rows = torch.arange(hc.shape[0], device=h.device)
-            p = _softmax_(_logits_into(hc, weight, bias, min(chunk_size, h.shape[0])))  # (n, V), in place
+            if dnn:
+                logits = gemm.linear(hc, weight, bias, dnn=True)  # (n, V) fp32, a heap block
+            else:
+                logits = _logits_into(hc, weight, bias, min(chunk_size, h.shape[0]))
+            p = _softmax_(logits)  # (n, V), in place
             py = p[rows, yc]  # (n,)
             total += _target_nll(py, hc, weight, bias, yc)
             if need_h or need_w or need_b:
                 p[rows, yc] -= 1.0  # (n, V) = dCE/dlogits
                 gc = p.to(weight.dtype)
-                if need_h:
+                if need_h and dnn:
+                    gh[s : s + chunk_size] = gemm.mm(gc, weight, dnn=True)  # (n, H)
+                elif need_h:
                     torch.mm(gc, weight, out=gh[s : s + chunk_size])  # (n, H)
                 if need_w:
                     gw.addmm_(gc.T.float(), hc.float())  # (V, H)

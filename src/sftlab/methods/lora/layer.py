@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ... import gemm
 from .config import LoraConfig
 
 BASE = "__base__"  # row name meaning "no adapter" in a mixed batch (PEFT's convention)
@@ -36,7 +37,8 @@ class _LoraLinear(torch.autograd.Function):
     for s·lora or the sum. Backward: dX = dY W + (s·dY B) A is one GEMM plus a thin addmm_ into its result,
     where autograd would run the two products separately and add them (an extra pass over an (N, d_in)
     tensor per layer); the scaling touches only the thin (N, r) and (d_out, r) gradients. Frozen W and b get
-    no gradient work at all. The numbers equal the plain composition's (tested).
+    no gradient work at all. The two big GEMMs (x W^T, dY W) go through `sftlab.gemm` (oneDNN while the trainer
+    switches it on). The numbers equal the plain composition's (tested).
     """
 
     @staticmethod
@@ -44,7 +46,8 @@ class _LoraLinear(torch.autograd.Function):
         ctx, x2, weight, bias, A, B, scaling
     ):  # (N, d_in), (d_out, d_in), (d_out,), (r, d_in), (d_out, r)
         xa = torch.mm(x2, A.t())  # (N, r)
-        out = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
+        ctx.dnn = gemm.active()  # base GEMMs through oneDNN (gemm.py); backward keeps this choice
+        out = gemm.linear(x2, weight, bias, dnn=ctx.dnn)
         out.addmm_(xa, B.t(), alpha=scaling)
         ctx.save_for_backward(x2, weight, A, B, xa)
         ctx.scaling = scaling
@@ -58,7 +61,7 @@ class _LoraLinear(torch.autograd.Function):
         dxa = torch.mm(dy, B).mul_(s)  # (N, r): the gradient reaching x A^T
         dx = dw = db = da = dB = None
         if need_x:
-            dx = torch.mm(dy, weight).addmm_(dxa, A)
+            dx = gemm.mm(dy, weight, dnn=ctx.dnn).addmm_(dxa, A)
         if need_w:
             dw = torch.mm(dy.t(), x2)
         if need_b:
