@@ -193,7 +193,7 @@ def _profiled_fit(trainer, warmup: int, out_path: str) -> None:
 
 
 def _category(name: str, shapes: str, vocab: int) -> str:
-    if name in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm"):
+    if name in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "mkldnn::_linear_pointwise"):
         if str(vocab) in shapes:
             return "GEMM: LM head (supervised rows)"
         if ", 16]" in shapes or "[16," in shapes:
