@@ -101,7 +101,8 @@ class TrainConfig(StrictModel):
         gt=0,
         description="Supervised positions per LM-head chunk: its (chunk x vocab) fp32 logits (512 x 32000 = 66 MB) "
         "live in one buffer reused by every chunk; the head GEMM runs faster on more rows (256 -> 512: ~+25% on "
-        "CPU), bigger buffers cost memory.",
+        "CPU), bigger buffers cost memory. With onednn_gemm (fp32 CPU) a chunk is also capped at 32 MB of logits "
+        "(262 rows of a 32k vocab).",
     )
     packing: bool | None = Field(
         None,
