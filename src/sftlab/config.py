@@ -163,8 +163,8 @@ class TrainConfig(StrictModel):
     onednn_gemm: bool = Field(
         True,
         description="CPU fp32: the big GEMMs (linear layers forward and input gradient, LoRA's base layer, the "
-        "fused LM head) through oneDNN instead of MKL, where oneDNN is present and passes an exactness probe "
-        "(AMD EPYC: 160-190 -> 190-210 GFLOP/s); off: torch's default BLAS.",
+        "fused LM head) through oneDNN instead of MKL, where torch runs AVX-512 kernels and oneDNN is present and "
+        "passes an exactness probe (AMD EPYC: 160-190 -> 190-210 GFLOP/s); off: torch's default BLAS.",
     )
     threads: int | None = Field(None, gt=0, description="torch threads; default: physical cores.")
     progress: bool = Field(True, description="Show a progress bar.")

@@ -12,9 +12,10 @@ for LoRA's base layer (`methods/lora/layer._LoraLinear`), for plain nn.Linear la
 freeze fine-tuning, `linears()`), and the fused LM head + cross-entropy (`loss.py`). Rank-r thin products and
 weight gradients (dW = dY^T X) stay on torch.mm, where oneDNN measured no faster or slower.
 
-Switch: `train.onednn_gemm` (default on). `enabled(True)` is a context the trainer holds around each step's
+Switch: `train.onednn_gemm` (default on), taken where torch runs AVX-512 kernels (`pays`). `enabled(True)` is a context the trainer holds around each step's
 forward and backward; autograd nodes record the choice at forward, so their backward agrees with it. Off, or
-where oneDNN is missing, not fp32, not on CPU, or fails the one-time probe: torch.mm / F.linear, unchanged.
+where oneDNN is missing, the CPU has no AVX-512, the tensors are not fp32 on CPU, or the one-time probe fails:
+torch.mm / F.linear, unchanged.
 The choice is process-wide while the context is held.
 """
 
@@ -54,6 +55,12 @@ def available() -> bool:
     return _probe
 
 
+def pays() -> bool:
+    """oneDNN beats MKL where torch runs AVX-512 kernels; restricted to AVX2 (ONEDNN_MAX_CPU_ISA=AVX2) the two
+    measured within +-10% of each other, shape by shape, so elsewhere torch's BLAS stays."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
 def active() -> bool:
     """Whether GEMMs started now go through oneDNN (autograd nodes store this at forward)."""
     return _on
@@ -63,7 +70,7 @@ def active() -> bool:
 def enabled(on: bool = True) -> Iterator[None]:
     global _on
     before = _on
-    _on = bool(on) and available()
+    _on = bool(on) and available() and pays()
     try:
         yield
     finally:
@@ -123,7 +130,7 @@ def linears(model: nn.Module, on: bool = True) -> Iterator[None]:
     (LoRA's own node takes the same GEMMs). Instance-level: other models in the process are not touched.
     """
     swapped: list[nn.Linear] = []
-    if on and available():
+    if on and available() and pays():
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         for m in model.modules():
             plain = type(m) is nn.Linear and "forward" not in m.__dict__

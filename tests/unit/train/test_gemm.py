@@ -17,6 +17,25 @@ from sftlab.train.loss import compute_loss, linear_cross_entropy_sum
 pytestmark = pytest.mark.skipif(not gemm.available(), reason="this torch build has no oneDNN linear")
 
 
+@pytest.fixture(autouse=True)
+def _any_isa(monkeypatch):
+    """The tests run the oneDNN path on any CPU that has it (the default takes it only with AVX-512)."""
+    monkeypatch.setattr(gemm, "pays", lambda: True)
+
+
+def test_default_only_where_torch_runs_avx512(monkeypatch):
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    with gemm.enabled(True):
+        assert not gemm.active()
+    model = _model("full")
+    with gemm.linears(model):
+        assert all("forward" not in m.__dict__ for m in model.modules())
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    with gemm.enabled(True):
+        assert gemm.active()
+
+
 @pytest.fixture
 def calls(monkeypatch):
     """Counts oneDNN GEMMs by the shape of their weight, sorted (forward W and backward's W^T count alike)."""
