@@ -220,3 +220,20 @@ def with_lora(model: torch.nn.Module, name: str, tokenizer=None) -> torch.nn.Mod
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.05)
     return model.eval()
+
+
+def causal_lm_with_method(name: str, method: str, **method_kw) -> torch.nn.Module:
+    """A seeded tiny causal LM with `method` applied (its config fields: method_kw; LoRA without them: r=4,
+    alpha=8 on all linears), LoRA B drawn non-zero so the adapters carry gradient through the base path, in
+    eval mode: no dropout, so two paths see one network."""
+    from sftlab.methods import MethodContext, get_method
+
+    model, tok = build_tiny(name)
+    cfg_kw = method_kw or ({"r": 4, "alpha": 8, "target_modules": "all-linear"} if method == "lora" else {})
+    spec = get_method(method)
+    torch.manual_seed(0)
+    spec.apply(model, spec.config(name=method, **cfg_kw), MethodContext("causal-lm", tok, name))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    return model.eval()

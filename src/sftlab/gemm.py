@@ -12,8 +12,8 @@ for LoRA's base layer (`methods/lora/layer._LoraLinear`), for plain nn.Linear la
 freeze fine-tuning, `linears()`), and the fused LM head + cross-entropy (`loss.py`). Rank-r thin products and
 weight gradients (dW = dY^T X) stay on torch.mm, where oneDNN measured no faster or slower.
 
-Switch: `train.onednn_gemm` (default on), taken where torch runs AVX-512 kernels (`pays`). `enabled(True)` is a context the trainer holds around each step's
-forward and backward; autograd nodes record the choice at forward, so their backward agrees with it. Off, or
+Switch: `train.onednn_gemm` (default on), taken where torch runs AVX-512 kernels (`pays`). `enabled(True)` is
+a context the trainer holds around each step's forward and backward; autograd nodes record the choice at forward, so their backward agrees with it. Off, or
 where oneDNN is missing, the CPU has no AVX-512, the tensors are not fp32 on CPU, or the one-time probe fails:
 torch.mm / F.linear, unchanged.
 The choice is process-wide while the context is held.
@@ -61,6 +61,11 @@ def pays() -> bool:
     return torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
+def usable() -> bool:
+    """What `train.onednn_gemm: true` turns on here: oneDNN present, exact, and worth it on this CPU."""
+    return available() and pays()
+
+
 def active() -> bool:
     """Whether GEMMs started now go through oneDNN (autograd nodes store this at forward)."""
     return _on
@@ -70,27 +75,28 @@ def active() -> bool:
 def enabled(on: bool = True) -> Iterator[None]:
     global _on
     before = _on
-    _on = bool(on) and available() and pays()
+    _on = bool(on) and usable()
     try:
         yield
     finally:
         _on = before
 
 
-def _fits(*ts: torch.Tensor | None) -> bool:
+def fits(*ts: torch.Tensor | None) -> bool:
+    """The tensors oneDNN takes here: fp32 on CPU (None counts as fitting: an absent bias)."""
     return all(t is None or (t.device.type == "cpu" and t.dtype == torch.float32) for t in ts)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, dnn: bool | None = None):
     """x (N, d_in) W^T (d_out, d_in) + b as a new (N, d_out) tensor; dnn=None: as the current context says."""
-    if (active() if dnn is None else dnn) and x.dim() == 2 and _fits(x, weight, bias):
+    if (active() if dnn is None else dnn) and x.dim() == 2 and fits(x, weight, bias):
         return _dnn(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
 def mm(a: torch.Tensor, b: torch.Tensor, dnn: bool | None = None) -> torch.Tensor:
     """a (N, K) @ b (K, M) as a new tensor (b may be a transposed view: no copy either way)."""
-    if (active() if dnn is None else dnn) and a.dim() == b.dim() == 2 and _fits(a, b):
+    if (active() if dnn is None else dnn) and a.dim() == b.dim() == 2 and fits(a, b):
         return _dnn(a, b.t(), None)
     return torch.mm(a, b)
 
@@ -115,7 +121,7 @@ class _Linear(torch.autograd.Function):
 
 
 def _linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if not (active() and _fits(x, module.weight, module.bias) and x.dim() >= 2):
+    if not (active() and fits(x, module.weight, module.bias) and x.dim() >= 2):
         return F.linear(x, module.weight, module.bias)
     x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
     out = _Linear.apply(x2, module.weight, module.bias)
@@ -130,7 +136,7 @@ def linears(model: nn.Module, on: bool = True) -> Iterator[None]:
     (LoRA's own node takes the same GEMMs). Instance-level: other models in the process are not touched.
     """
     swapped: list[nn.Linear] = []
-    if on and available() and pays():
+    if on and usable():
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         for m in model.modules():
             plain = type(m) is nn.Linear and "forward" not in m.__dict__

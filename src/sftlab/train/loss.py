@@ -46,9 +46,12 @@ def _buffers() -> dict[int, tuple[weakref.ref, torch.Tensor]]:
 
 
 def _logits_into(
-    hc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int
+    hc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int, dnn: bool = False
 ) -> torch.Tensor:
-    """hc W^T + b as fp32 (n, V); on CPU fp32 written into the weight's reusable buffer (first n rows)."""
+    """hc W^T + b as fp32 (n, V); on CPU fp32 written into the weight's reusable buffer (first n rows), or with
+    dnn (fp32 CPU, `sftlab.gemm`) a new oneDNN tensor, kept small by the caller (DNN_LOGITS_MAX_BYTES)."""
+    if dnn:
+        return gemm.linear(hc, weight, bias, dnn=True)
     nbytes = rows * weight.shape[0] * 4  # big vocabularies: no buffer held for the model's life
     fp32 = weight.dtype == hc.dtype == torch.float32
     if weight.device.type != "cpu" or not fp32 or nbytes > KEEP_MAX_BYTES:
@@ -115,18 +118,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         )  # (V, H)
         gb = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None  # (V,)
-        dnn = gemm.active() and h.device.type == "cpu"
-        dnn = dnn and h.dtype == weight.dtype == torch.float32
+        dnn = gemm.active() and gemm.fits(h, weight, bias)
         if dnn:
             chunk_size = min(chunk_size, max(1, DNN_LOGITS_MAX_BYTES // (4 * weight.shape[0])))
         for s in range(0, h.shape[0], chunk_size):
             hc, yc = h[s : s + chunk_size], y[s : s + chunk_size]  # (n, H), (n,)
             rows = torch.arange(hc.shape[0], device=h.device)
-            if dnn:
-                logits = gemm.linear(hc, weight, bias, dnn=True)  # (n, V) fp32, a heap block
-            else:
-                logits = _logits_into(hc, weight, bias, min(chunk_size, h.shape[0]))
-            p = _softmax_(logits)  # (n, V), in place
+            p = _softmax_(
+                _logits_into(hc, weight, bias, min(chunk_size, h.shape[0]), dnn)
+            )  # (n, V), in place
             py = p[rows, yc]  # (n,)
             total += _target_nll(py, hc, weight, bias, yc)
             if need_h or need_w or need_b:

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import make_config
+from helpers import causal_lm_with_method, make_config
 
 from sftlab import gemm
-from sftlab.methods import MethodContext, get_method
-from sftlab.models import build_tiny
 from sftlab.recipe import prepare
 from sftlab.train import loss as loss_mod
 from sftlab.train.loop import Trainer
@@ -28,7 +26,7 @@ def test_default_only_where_torch_runs_avx512(monkeypatch):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     with gemm.enabled(True):
         assert not gemm.active()
-    model = _model("full")
+    model = causal_lm_with_method("tiny-llama", "full")
     with gemm.linears(model):
         assert all("forward" not in m.__dict__ for m in model.modules())
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
@@ -80,18 +78,6 @@ def test_probe_refuses_a_reduced_precision_onednn(monkeypatch):
         assert not gemm.active()
 
 
-def _model(method: str):
-    model, tok = build_tiny("tiny-llama")
-    spec = get_method(method)
-    kw = {"r": 4, "alpha": 8, "target_modules": "all-linear"} if method == "lora" else {}
-    torch.manual_seed(0)
-    spec.apply(model, spec.config(name=method, **kw), MethodContext("causal-lm", tok, "tiny-llama"))
-    for n, p in model.named_parameters():
-        if "lora_B" in n:  # trained-looking adapters, so their gradients carry the base path
-            torch.nn.init.normal_(p, std=0.05)
-    return model.eval()
-
-
 def _batch():
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(4, 260, (2, 21), generator=g)
@@ -110,7 +96,7 @@ def _loss_and_grads(model, dnn: bool):
 
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_training_pass_equals_torch_blas_and_uses_onednn(method, calls):
-    model = _model(method)
+    model = causal_lm_with_method("tiny-llama", method)
     ref_loss, ref_g = _loss_and_grads(model, False)
     assert calls == []
     loss, g = _loss_and_grads(model, True)
@@ -132,7 +118,7 @@ def test_training_pass_equals_torch_blas_and_uses_onednn(method, calls):
 
 
 def test_linears_leaves_head_and_hooked_layers_alone_and_restores_on_error():
-    model = _model("full")
+    model = causal_lm_with_method("tiny-llama", "full")
     hooked = model.model.layers[0].mlp.down_proj
     hooked.register_forward_hook(lambda *_: None)
     with pytest.raises(KeyError), gemm.linears(model):

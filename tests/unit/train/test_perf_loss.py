@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import causal_lm_with_method
 
 from sftlab.data import collate
-from sftlab.methods import MethodContext, get_method
-from sftlab.models import build_tiny
 from sftlab.train import loss as loss_mod
 from sftlab.train.loss import compute_loss, linear_cross_entropy_sum, naive_causal_lm_loss
 
@@ -23,19 +22,6 @@ def _batch(seed: int = 0):
     return collate(exs, 0, "causal-lm")
 
 
-def _model(name: str, method: str):
-    model, tok = build_tiny(name)
-    cfg_kw = {"r": 4, "alpha": 8, "target_modules": "all-linear"} if method == "lora" else {}
-    spec = get_method(method)
-    torch.manual_seed(0)
-    spec.apply(model, spec.config(name=method, **cfg_kw), MethodContext("causal-lm", tok, name))
-    if method == "lora":  # B starts at zero; make the adapters matter for the gradient check
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                torch.nn.init.normal_(p, std=0.05)
-    return model.eval()  # no dropout (GPT-2 has some): both paths must see the same network
-
-
 def _grads(model, fn, batch):
     model.zero_grad(set_to_none=True)
     loss, n = fn(model, batch)
@@ -47,7 +33,7 @@ def _grads(model, fn, batch):
 @pytest.mark.parametrize("method", ["lora", "full"])
 @pytest.mark.parametrize("chunk", [1, 7, 1024])
 def test_fused_loss_and_grads_equal_naive(name, method, chunk):
-    model = _model(name, method)
+    model = causal_lm_with_method(name, method)
     batch = _batch()
     ref_loss, ref_n, ref_g = _grads(model, naive_causal_lm_loss, batch)
     for fused in (True, False):
@@ -82,7 +68,7 @@ def test_fused_function_direct_with_bias_and_scaled_grad():
 
 def test_no_full_vocab_tensor_is_ever_built(monkeypatch):
     """Every logits tensor the head makes has at most `chunk` rows: never [tokens x vocab]."""
-    model = _model("tiny-llama", "full")
+    model = causal_lm_with_method("tiny-llama", "full")
     batch = _batch()
     vocab = model.get_output_embeddings().weight.shape[0]
     rows = []
@@ -96,8 +82,8 @@ def test_no_full_vocab_tensor_is_ever_built(monkeypatch):
 
     real_into = loss_mod._logits_into
 
-    def spy_into(hc, w, b, buf_rows):
-        out = real_into(hc, w, b, buf_rows)
+    def spy_into(hc, w, b, buf_rows, dnn=False):
+        out = real_into(hc, w, b, buf_rows, dnn)
         rows.append(out.shape[0])
         assert out.untyped_storage().nbytes() <= 8 * vocab * 4  # the reused buffer holds one chunk
         return out

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import causal_lm_with_method
 
 from sftlab.data import collate
 from sftlab.data.batching import collate_packed
-from sftlab.methods import MethodContext, get_method
-from sftlab.models import build_tiny, enable_activation_checkpointing
+from sftlab.models import enable_activation_checkpointing
 from sftlab.train import tail
 from sftlab.train.loss import compute_loss
 
@@ -22,17 +22,6 @@ def _examples(seed: int = 0) -> list[dict]:
         ids = torch.randint(4, 260, (n,), generator=g).tolist()
         exs.append({"input_ids": ids, "labels": [IGN] * (n // 2) + ids[n // 2 :]})
     return exs
-
-
-def _model(name: str, method: str, **kw):
-    model, tok = build_tiny(name)
-    spec = get_method(method)
-    torch.manual_seed(0)
-    spec.apply(model, spec.config(name=method, **kw), MethodContext("causal-lm", tok, name))
-    for n, p in model.named_parameters():
-        if "lora_B" in n:
-            torch.nn.init.normal_(p, std=0.05)
-    return model.eval()  # no dropout: both runs must see the same network
 
 
 def _run(model, batch, trim: bool):
@@ -66,7 +55,7 @@ def _assert_same(a, b):
 )
 @pytest.mark.parametrize("packed", [True, False])
 def test_trimmed_last_mlp_gives_the_same_loss_and_grads(name, method, kw, packed):
-    model = _model(name, method, **kw)
+    model = causal_lm_with_method(name, method, **kw)
     exs = _examples()
     batch = collate_packed(exs) if packed else collate(exs, 0, "causal-lm")
     full, first, trimmed = _run(model, batch, False), _run(model, batch, True), _run(model, batch, True)
@@ -78,7 +67,7 @@ def test_trimmed_last_mlp_gives_the_same_loss_and_grads(name, method, kw, packed
 
 
 def test_not_trimmed_under_activation_checkpointing():
-    model = _model("tiny-llama", "full")
+    model = causal_lm_with_method("tiny-llama", "full")
     enable_activation_checkpointing(model)
     model.train()  # checkpointing only recomputes in training mode; tiny-llama has no dropout
     batch = collate_packed(_examples())
@@ -88,7 +77,7 @@ def test_not_trimmed_under_activation_checkpointing():
 
 
 def test_not_trimmed_when_virtual_tokens_shift_positions():
-    model = _model("tiny-llama", "prompt", num_virtual_tokens=4)
+    model = causal_lm_with_method("tiny-llama", "prompt", num_virtual_tokens=4)
     batch = collate(_examples(), 0, "causal-lm")
     full, trimmed = _run(model, batch, False), _run(model, batch, True)
     _assert_same(trimmed, full)
