@@ -1,15 +1,18 @@
-"""The contract every fine-tuning method fulfils: a config model plus three free functions.
+"""The contract every fine-tuning method fulfils: a config model plus three free functions, and two optional ones.
 
 A method acts on a loaded HF model in place. `apply` freezes the base and injects trainable modules,
 `save` writes the method's final artifacts (adapter files, or a full HF model), `load` restores them
 onto a model on which `apply` has already run. The training loop only sees parameters with
-`requires_grad=True`; it never needs to know which method made them.
+`requires_grad=True`; it never needs to know which method made them. `merge` (fold the method into plain
+weights, for `sftlab merge`) and `route` (per-row adapter names for a mixed batch) are None where a method
+has no such thing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +37,13 @@ class MethodContext:
     task: str = "causal-lm"
     tokenizer: Any = None
     base_model_name: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 ApplyFn = Callable[[nn.Module, Any, MethodContext], None]
 SaveFn = Callable[[nn.Module, Any, Path, MethodContext], None]
 LoadFn = Callable[[nn.Module, Any, Path, MethodContext], None]
+MergeFn = Callable[[nn.Module], nn.Module]
+RouteFn = Callable[[nn.Module, Sequence[str]], AbstractContextManager[None]]
 
 
 @dataclass(frozen=True)
@@ -52,3 +56,7 @@ class MethodSpec:
     # True when `save` writes a whole HF model: a run is then reloaded from final/ directly.
     saves_full_model: bool = False
     help: str = ""
+    # model -> the same model with the method folded into plain weights (None: not mergeable).
+    merge: MergeFn | None = None
+    # (model, one adapter name per batch row) -> context manager routing each row (None: no named adapters).
+    route: RouteFn | None = None

@@ -39,14 +39,10 @@ CACHE_KEYS = ("cache", "past_key_values")
 _RECORDER: list[tuple[nn.Module, int, int]] | None = None
 
 
-# Tests set this False: prefix columns are then masked out, and every model must reproduce its base exactly.
-PREFIX_VISIBLE = True
-
-
 def _extend_mask(
     module: nn.Module, query: torch.Tensor, kv_len: int, mask: torch.Tensor | None, m: int, kwargs: dict
 ) -> torch.Tensor | None:
-    """The layer's mask with m leading prefix columns: True / 0.0 (attend) unless PREFIX_VISIBLE is off."""
+    """The layer's mask with m leading prefix columns, all True / 0.0 (attend); None when every key is seen."""
     if mask is None:
         is_causal = kwargs.get("is_causal")
         is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
@@ -57,15 +53,10 @@ def _extend_mask(
             i = torch.arange(q_len, device=query.device)[:, None]
             j = torch.arange(kv_len, device=query.device)[None, :]
             mask = (j <= i + (kv_len - q_len))[None, None]  # (1, 1, q, kv)
-        elif PREFIX_VISIBLE:
-            return None  # every query sees every key, prefix included
         else:
-            mask = torch.ones((1, 1, q_len, kv_len), dtype=torch.bool, device=query.device)
-    if mask.dtype == torch.bool:
-        cols = torch.full((*mask.shape[:-1], m), PREFIX_VISIBLE, dtype=torch.bool, device=mask.device)
-    else:
-        fill = 0.0 if PREFIX_VISIBLE else torch.finfo(mask.dtype).min
-        cols = torch.full((*mask.shape[:-1], m), fill, dtype=mask.dtype, device=mask.device)
+            return None  # every query sees every key, prefix included
+    fill = True if mask.dtype == torch.bool else 0.0
+    cols = torch.full((*mask.shape[:-1], m), fill, dtype=mask.dtype, device=mask.device)
     return torch.cat([cols, mask], dim=-1)  # (B|1, 1|H, q, m + kv)
 
 

@@ -2,20 +2,22 @@
 
 PEFT saves every prompt-learning method as one tensor `prompt_embeddings` (the encoder already folded away) plus,
 for sequence classification, the task head under `base_model.<module path>.<param>` (listed in modules_to_save).
+The head trains as a modules_to_save copy (`_adapters.saved_copy`, adapter name "default"), as in PEFT and LoRA.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ._adapters import saved_copy
 from ._base import MethodContext
-from ._targets import task_head_modules, unfreeze_modules
-from .peft_format import read_adapter, write_adapter
+from ._targets import task_head_modules
+from .peft_format import TASK_TYPES, read_adapter, write_adapter
 
-TASK_TYPES = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM"}
 EMBEDDINGS_KEY = "prompt_embeddings"
 # Prompt learning saves heads under the first prefix; LoRA-style adapters under the second.
 _HEAD_PREFIXES = ("base_model.", "base_model.model.")
@@ -37,15 +39,20 @@ def peft_config(peft_type: str, model: nn.Module, ctx: MethodContext, **fields) 
 
 
 def train_heads(model: nn.Module, ctx: MethodContext) -> None:
-    unfreeze_modules(model, task_head_modules(model, ctx.task))
+    """Each fresh task head trains as its own copy; the base head stays frozen."""
+    for name in task_head_modules(model, ctx.task):
+        saved_copy(model, name).requires_grad_(True)
+
+
+def _head_parameters(model: nn.Module, ctx: MethodContext) -> Iterator[tuple[str, str, nn.Parameter]]:
+    """(head path, parameter name, trained parameter) of every task head."""
+    for name in task_head_modules(model, ctx.task):
+        for pname, p in saved_copy(model, name).named_parameters():
+            yield name, pname, p
 
 
 def head_tensors(model: nn.Module, ctx: MethodContext) -> dict[str, torch.Tensor]:
-    out = {}
-    for name in task_head_modules(model, ctx.task):
-        for pname, p in model.get_submodule(name).named_parameters():
-            out[f"base_model.{name}.{pname}"] = p.detach()
-    return out
+    return {f"base_model.{name}.{pname}": p.detach() for name, pname, p in _head_parameters(model, ctx)}
 
 
 def save_adapter(
@@ -68,11 +75,10 @@ def read_checked(in_dir: Path, peft_type: str) -> tuple[dict, torch.Tensor, dict
 
 def load_heads(model: nn.Module, ctx: MethodContext, tensors: dict[str, torch.Tensor], in_dir: Path) -> None:
     """Copy saved seq-cls head weights into the model (every head parameter must be present)."""
-    for name in task_head_modules(model, ctx.task):
-        for pname, p in model.get_submodule(name).named_parameters():
-            keys = [f"{pre}{name}.{pname}" for pre in _HEAD_PREFIXES]
-            key = next((k for k in keys if k in tensors), None)
-            if key is None:
-                raise ValueError(f"{in_dir}: the adapter has no weights for the task head {name}.{pname}")
-            with torch.no_grad():
-                p.copy_(tensors[key])
+    for name, pname, p in _head_parameters(model, ctx):
+        keys = [f"{pre}{name}.{pname}" for pre in _HEAD_PREFIXES]
+        key = next((k for k in keys if k in tensors), None)
+        if key is None:
+            raise ValueError(f"{in_dir}: the adapter has no weights for the task head {name}.{pname}")
+        with torch.no_grad():
+            p.copy_(tensors[key])

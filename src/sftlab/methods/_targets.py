@@ -70,7 +70,3 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         if p.requires_grad:
             trainable += p.numel()
     return trainable, total
-
-
-def trainable_state_dict(model: nn.Module) -> dict:
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}

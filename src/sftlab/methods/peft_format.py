@@ -14,6 +14,8 @@ from safetensors.torch import load_file, save_file
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+# sftlab's model.task -> PEFT's task_type, for every method that writes PEFT files
+TASK_TYPES = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM"}
 
 
 def write_adapter(out_dir: str | Path, config: dict, tensors: dict[str, torch.Tensor]) -> None:
@@ -35,7 +37,3 @@ def read_adapter(in_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
             )
         raise FileNotFoundError(f"{w_path}: no adapter weights here")
     return json.loads(cfg_path.read_text()), load_file(str(w_path))
-
-
-def is_adapter_dir(path: str | Path) -> bool:
-    return (Path(path) / CONFIG_NAME).is_file()

@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from sftlab.methods.adapter import AdapterConfig, add_adapter, set_adapter
-from sftlab.methods.adapter_map import INSERTION_MAP, ArchPoints, find_insertion_points
+from sftlab.methods.adapter.adapter_map import INSERTION_MAP, ArchPoints, find_insertion_points
 
 SMALL = {"vocab_size": 64}
 OTHER_ARCHS = [

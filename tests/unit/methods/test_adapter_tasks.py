@@ -22,7 +22,7 @@ from sftlab.methods.adapter import (
     save_adapter,
     set_adapter,
 )
-from sftlab.methods.adapter_map import find_insertion_points
+from sftlab.methods.adapter.adapter_map import find_insertion_points
 
 
 def inputs(task: str, rows: int = 3) -> dict:

@@ -32,6 +32,21 @@ def _shifted(task: str, batch: dict, m: int) -> dict:
     return {"position_ids": torch.arange(m, m + t)[None].expand(b, t)}
 
 
+def hide_prefix(monkeypatch) -> None:
+    """Every query scores the prefix at -inf: the seam's mask with its m prefix columns turned to "never attend"."""
+    extend = _kv_seam._extend_mask
+
+    def hidden(module, query, kv_len, mask, m, kwargs):
+        out = extend(module, query, kv_len, mask, m, kwargs)
+        if out is None:  # "attend to everything": spell it out so the prefix columns can be closed
+            out = torch.ones((1, 1, query.shape[2], m + kv_len), dtype=torch.bool, device=query.device)
+        out = out.clone()
+        out[..., :m] = False if out.dtype == torch.bool else torch.finfo(out.dtype).min
+        return out
+
+    monkeypatch.setattr(_kv_seam, "_extend_mask", hidden)
+
+
 @pytest.mark.parametrize("name,task", FAMILIES)
 def test_empty_or_masked_prefix_reproduces_the_base_model(name, task, monkeypatch):
     model, tok = base(name, task)
@@ -50,7 +65,7 @@ def test_empty_or_masked_prefix_reproduces_the_base_model(name, task, monkeypatc
     shifted = real(_logits(model, batch, **_shifted(task, batch, 4)))
     visible = real(_logits(tuned, batch))
     assert (visible - shifted).abs().max() > 1e-3  # the prefix does something
-    monkeypatch.setattr(_kv_seam, "PREFIX_VISIBLE", False)  # every query scores the prefix at -inf
+    hide_prefix(monkeypatch)
     assert_close(real(_logits(tuned, batch)), shifted, rtol=1e-5, atol=1e-5)
 
 

@@ -47,7 +47,8 @@ def _copy_from_peft(tuned, pm, task: str) -> None:
         state["embedding.weight"] = state["embedding.weight"][:3]
         tuned.sftlab_prompt.load_state_dict(state)
     if task == "seq-cls":
-        tuned.classifier.load_state_dict(pm.base_model.classifier.modules_to_save["default"].state_dict())
+        head = pm.base_model.classifier.modules_to_save["default"]
+        tuned.classifier.modules_to_save["default"].load_state_dict(head.state_dict())
 
 
 def _logits(model, batch):

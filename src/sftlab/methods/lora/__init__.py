@@ -22,11 +22,13 @@ from pathlib import Path
 
 from torch import nn
 
+from .._adapters import BASE_ROW as BASE
+from .._adapters import SavedModule
 from .._base import MethodContext, MethodSpec
 from .._targets import freeze_all
 from .config import LoraConfig, default_targets, lora_config_from_peft
 from .io import adapter_config_dict, adapter_state_dict, load_peft_adapter, save_adapter
-from .layer import BASE, LoraLayer, SavedModule
+from .layer import LoraLayer
 from .model import (
     adapter_names,
     adapter_per_row,
@@ -65,6 +67,8 @@ METHOD = MethodSpec(
     _save,
     _load,
     help="Low-rank updates W + s·B·A on chosen Linear layers (rsLoRA, DoRA, PiSSA init); PEFT-compatible files.",
+    merge=merge_and_unload,
+    route=adapter_per_row,
 )
 
 __all__ = [

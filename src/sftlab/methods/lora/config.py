@@ -9,6 +9,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from .._base import MethodConfigBase
+from ..peft_format import TASK_TYPES
 
 # PEFT's q/v-style defaults for the families we test, plus close relatives that share llama's names.
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -26,7 +27,6 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "mt5": ["q", "v"],
 }
 
-TASK_TYPES = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM"}
 ALL_LINEAR = "all-linear"
 
 

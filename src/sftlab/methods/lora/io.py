@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..peft_format import read_adapter, write_adapter
-from .config import TASK_TYPES, LoraConfig, lora_config_from_peft, to_peft_dict
-from .layer import LoraLayer, SavedModule
-from .model import add_adapter, delete_adapter, lora_state, set_adapter
+from .._adapters import SavedModule
+from ..peft_format import TASK_TYPES, read_adapter, write_adapter
+from .config import LoraConfig, lora_config_from_peft, to_peft_dict
+from .layer import LoraLayer
+from .model import ATTR, add_adapter, delete_adapter, lora_entry, set_adapter
 
 PREFIX = "base_model.model."
 _TASK_FROM_PEFT = {v: k for k, v in TASK_TYPES.items()}
@@ -32,10 +33,9 @@ def _lora_keys(path: str) -> tuple[str, str, str]:
 
 def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, torch.Tensor]:
     """Adapter `name`'s tensors under PEFT's file keys (PiSSA converted to plain LoRA)."""
-    st = lora_state(model)
-    name = name or st.active
+    name, entry = lora_entry(model, name)
     out: dict[str, torch.Tensor] = {}
-    for path in st.targets[name]:
+    for path in entry.targets:
         layer: LoraLayer = model.get_submodule(path)
         ka, kb, km = _lora_keys(path)
         a, b = layer.lora_A[name].detach(), layer.lora_B[name].detach()
@@ -45,7 +45,7 @@ def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, t
         out[ka], out[kb] = a, b
         if name in layer.lora_magnitude_vector:
             out[km] = layer.lora_magnitude_vector[name].detach()
-    for path in st.saved[name]:
+    for path in entry.saved:
         mod: SavedModule = model.get_submodule(path)
         for k, v in mod.modules_to_save[name].state_dict().items():
             out[f"{PREFIX}{path}.{k}"] = v.detach()
@@ -54,15 +54,14 @@ def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, t
 
 def adapter_config_dict(model: nn.Module, name: str | None = None, base_model_name: str = "") -> dict:
     """adapter_config.json for adapter `name`, readable by `peft.LoraConfig`."""
-    st = lora_state(model)
-    name = name or st.active
-    cfg = st.configs[name]
+    name, entry = lora_entry(model, name)
+    cfg = entry.config
     if cfg.init == "pissa":  # saved converted: rank 2r with the same scale, applied to the original W
         alpha = cfg.alpha * (math.sqrt(2) if cfg.use_rslora else 2)
         cfg = cfg.model_copy(update={"r": 2 * cfg.r, "alpha": alpha, "init": "default"})
-    fan_in_fan_out = any(model.get_submodule(p).fan_in_fan_out for p in st.targets[name])
+    fan_in_fan_out = any(model.get_submodule(p).fan_in_fan_out for p in entry.targets)
     base = base_model_name or getattr(getattr(model, "config", None), "name_or_path", "") or ""
-    return to_peft_dict(cfg, st.target_spec[name], st.saved[name], st.task[name], base, fan_in_fan_out)
+    return to_peft_dict(cfg, entry.target_spec, entry.saved, entry.task, base, fan_in_fan_out)
 
 
 def save_adapter(
@@ -74,7 +73,7 @@ def save_adapter(
 
 @torch.no_grad()
 def _load_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
-    st = lora_state(model)
+    _, entry = lora_entry(model, name)
     # Older PEFT wrote "...lora_magnitude_vector.weight" and "...<module>.modules_to_save.<param>".
     tensors = {
         k.removesuffix(".weight")
@@ -83,13 +82,13 @@ def _load_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor])
         for k, v in tensors.items()
     }
     dests: dict[str, torch.Tensor] = {}
-    for path in st.targets[name]:
+    for path in entry.targets:
         layer: LoraLayer = model.get_submodule(path)
         ka, kb, km = _lora_keys(path)
         dests[ka], dests[kb] = layer.lora_A[name], layer.lora_B[name]
         if name in layer.lora_magnitude_vector:
             dests[km] = layer.lora_magnitude_vector[name]
-    for path in st.saved[name]:
+    for path in entry.saved:
         mod: SavedModule = model.get_submodule(path)
         for k, v in mod.modules_to_save[name].state_dict(keep_vars=True).items():
             dests[f"{PREFIX}{path}.{k}"] = v
@@ -122,9 +121,9 @@ def load_peft_adapter(
     raw, tensors = read_adapter(in_dir)
     cfg = lora_config_from_peft(raw)
     task = task or _TASK_FROM_PEFT.get(raw.get("task_type") or "", "causal-lm")
-    st = getattr(model, "_sftlab_lora", None)
-    was_active = st.active if st else None
-    if st is not None and name in st.configs:
+    reg = getattr(model, ATTR, None)
+    was_active = reg.active if reg else None
+    if reg is not None and name in reg.info:
         delete_adapter(model, name)
     add_adapter(model, name, cfg, task=task)
     _load_tensors(model, name, tensors)

@@ -1,4 +1,4 @@
-"""The LoRA layer (Linear or GPT-2 Conv1D), and the wrapper that trains a whole module per adapter.
+"""The LoRA layer (Linear or GPT-2 Conv1D): a `Switch` (see `.._adapters`) holding one low-rank update per name.
 
 `LoraLayer` keeps the frozen base layer and, per adapter name, A (r x d_in), B (d_out x r) and, for DoRA,
 a magnitude vector m (d_out). Its forward adds s·(x A^T) B^T: two thin matmuls, never B·A, and no copy of
@@ -8,8 +8,8 @@ x when dropout is 0. Parameter names mirror PEFT's in-model layout (`base_layer`
 
 from __future__ import annotations
 
-import copy
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -17,17 +17,10 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ... import gemm
+from .._adapters import Switch, mix_rows
 from .config import LoraConfig
 
-BASE = "__base__"  # row name meaning "no adapter" in a mixed batch (PEFT's convention)
 TARGET_TYPES = (nn.Linear, Conv1D)
-
-
-def _row_groups(names: list[str], device: torch.device) -> dict[str, torch.Tensor]:
-    groups: dict[str, list[int]] = {}
-    for i, n in enumerate(names):
-        groups.setdefault(n, []).append(i)
-    return {n: torch.tensor(idx, device=device) for n, idx in groups.items()}
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -73,7 +66,7 @@ class _LoraLinear(torch.autograd.Function):
         return dx, dw, db, da, dB, None
 
 
-class LoraLayer(nn.Module):
+class LoraLayer(Switch):
     """A frozen Linear/Conv1D plus named low-rank updates; one adapter is active at a time."""
 
     def __init__(self, base_layer: nn.Module):
@@ -93,10 +86,7 @@ class LoraLayer(nn.Module):
         self.scaling: dict[str, float] = {}
         self.dropout: dict[str, float] = {}
         self.fused: dict[str, bool] = {}  # adapter -> may take the fused forward (LoraConfig.fused_forward)
-        self.active: str | None = None
-        self.disabled = False
         self.merged: str | None = None
-        self.row_adapters: list[str] | None = None
         self._merge_norm: torch.Tensor | None = None  # DoRA row norms at merge time, to unmerge exactly
 
     # Code elsewhere in transformers reads `.weight`/`.bias` of projections (e.g. for dtype checks).
@@ -115,6 +105,14 @@ class LoraLayer(nn.Module):
 
     def adapter_names(self) -> list[str]:
         return list(self.lora_A.keys())
+
+    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
+        for d in (self.lora_A, self.lora_B, self.lora_magnitude_vector):
+            if name in d:
+                yield d[name]
+
+    def unwrapped(self) -> nn.Module:
+        return self.base_layer
 
     # ---- adapters -------------------------------------------------------------------------------------------
     def add_adapter(self, name: str, cfg: LoraConfig) -> None:
@@ -186,25 +184,30 @@ class LoraLayer(nn.Module):
         if not args and not kwargs and self._fused_ok(x):
             return self._fused_forward(x)
         result = self.base_layer(x, *args, **kwargs)  # (..., d_out)
-        if self.row_adapters is not None:
+        if self.row_names is not None:
             if self.merged is not None:
                 raise RuntimeError(
                     "adapter_per_row needs unmerged adapters; call unmerge_adapter(model) first"
                 )
-            return self._per_row(x, result)
-        if self.disabled or self.merged is not None or self.active not in self.lora_A:
+            lora_a = self.lora_A
+            return mix_rows(
+                result,
+                self.row_names,
+                lambda n, idx: result[idx] + self._delta(x[idx], result[idx], n) if n in lora_a else None,
+            )
+        name = self.current()
+        if name is None or self.merged is not None:
             return result
-        return result + self._delta(x, result, self.active)
+        return result + self._delta(x, result, name)
 
     def _fused_ok(self, x: torch.Tensor) -> bool:
         """The plain-LoRA fast path: a hook-free nn.Linear base, one active adapter, no dropout in training,
         no DoRA, one dtype."""
-        name, base = self.active, self.base_layer
+        name, base = self.current(), self.base_layer
         if (
-            self.row_adapters is not None
-            or self.disabled
+            self.row_names is not None
+            or name is None
             or self.merged is not None
-            or name not in self.lora_A
             or not self.fused.get(name, True)
         ):
             return False
@@ -249,17 +252,6 @@ class LoraLayer(nn.Module):
         w, delta = self._work(self.base_weight(), name)  # (d_out, d_in)
         return torch.linalg.norm(w + delta, dim=1).to(self.lora_A[name].dtype)
 
-    def _per_row(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        names = self.row_adapters
-        if x.shape[0] != len(names):
-            raise ValueError(f"adapter_per_row: {len(names)} adapter names for a batch of {x.shape[0]} rows")
-        out = result.clone()
-        for name, idx in _row_groups(names, x.device).items():
-            if name == BASE or name not in self.lora_A:
-                continue
-            out[idx] = result[idx] + self._delta(x[idx], result[idx], name)
-        return out
-
     # ---- merge ----------------------------------------------------------------------------------------------
     def _work(self, W: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(W, s·B·A) in at least fp32, so merging a half-precision base loses as little as possible."""
@@ -302,47 +294,3 @@ class LoraLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"adapters={self.adapter_names()}, active={self.active}, merged={self.merged}"
-
-
-class SavedModule(nn.Module):
-    """`modules_to_save`: a frozen original plus one trainable full copy per adapter (PEFT's layout)."""
-
-    def __init__(self, original: nn.Module):
-        super().__init__()
-        self.original_module = original
-        self.modules_to_save = nn.ModuleDict()
-        self.active: str | None = None
-        self.disabled = False
-        self.row_adapters: list[str] | None = None
-
-    def add_adapter(self, name: str) -> None:
-        self.modules_to_save[name] = copy.deepcopy(self.original_module)
-        if self.active is None:
-            self.active = name
-
-    def delete_adapter(self, name: str) -> None:
-        if name in self.modules_to_save:
-            del self.modules_to_save[name]
-        if self.active == name:
-            self.active = None
-
-    def adapter_names(self) -> list[str]:
-        return list(self.modules_to_save.keys())
-
-    def current(self) -> nn.Module:
-        if self.disabled or self.active not in self.modules_to_save:
-            return self.original_module
-        return self.modules_to_save[self.active]
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.current().weight
-
-    def forward(self, x: torch.Tensor, *args, **kwargs):
-        if self.row_adapters is None:
-            return self.current()(x, *args, **kwargs)
-        out = self.original_module(x, *args, **kwargs).clone()
-        for name, idx in _row_groups(self.row_adapters, x.device).items():
-            if name in self.modules_to_save:
-                out[idx] = self.modules_to_save[name](x[idx], *args, **kwargs)
-        return out

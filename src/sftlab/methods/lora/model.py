@@ -1,7 +1,8 @@
 """Put LoRA layers into a model and manage its named adapters: add, switch, disable, delete, route rows, merge.
 
 Everything is a free function on the HF model itself (no wrapper model): `model.base_model(...)`, `model(...)`,
-`generate` and `save_pretrained` keep working. The bookkeeping lives in `model._sftlab_lora` (a LoraState).
+`generate` and `save_pretrained` keep working. The bookkeeping lives in `model._sftlab_lora` (a `Registry` of
+`LoraEntry`); naming, switching and per-row routing are the shared rules of `.._adapters`.
 """
 
 from __future__ import annotations
@@ -9,57 +10,48 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import nn
 
-from .._targets import TASK_HEAD_NAMES, find_modules, freeze_all, get_submodule_parent, task_head_modules
+from .. import _adapters as named
+from .._adapters import Registry, SavedModule, plain_modules
+from .._targets import find_modules, freeze_all, task_head_modules
 from .config import ALL_LINEAR, LoraConfig, default_targets
-from .layer import BASE, TARGET_TYPES, LoraLayer, SavedModule
+from .layer import TARGET_TYPES, LoraLayer
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+ATTR = "_sftlab_lora"
 
 
 @dataclass
-class LoraState:
-    """Per-model bookkeeping: each adapter's config, the module paths it touches, and the active one."""
+class LoraEntry:
+    """One adapter's record: its config, the module paths it touches, and what adapter_config.json says."""
 
-    configs: dict[str, LoraConfig] = field(default_factory=dict)
-    targets: dict[str, list[str]] = field(default_factory=dict)  # LoRA-wrapped module paths
-    saved: dict[str, list[str]] = field(default_factory=dict)  # modules_to_save paths
-    target_spec: dict[str, list[str] | str] = field(default_factory=dict)  # as written to adapter_config.json
-    task: dict[str, str] = field(default_factory=dict)
-    active: str | None = None
+    config: LoraConfig
+    targets: list[str]  # LoRA-wrapped module paths
+    saved: list[str]  # modules_to_save paths
+    target_spec: list[str] | str  # target_modules as written to adapter_config.json
+    task: str
 
 
-def lora_state(model: nn.Module) -> LoraState:
-    st = getattr(model, "_sftlab_lora", None)
-    if st is None:
+def lora_registry(model: nn.Module) -> Registry:
+    reg = named.registry(model, ATTR)
+    if reg is None:
         raise ValueError("this model has no LoRA adapters; apply the lora method or call add_adapter first")
-    return st
+    return reg
+
+
+def lora_entry(model: nn.Module, name: str | None = None) -> tuple[str, LoraEntry]:
+    """(name, record) of adapter `name` (default: the active one)."""
+    reg = lora_registry(model)
+    name = name or reg.active
+    return name, reg.require(name)
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
     for n, m in model.named_modules():
         if isinstance(m, LoraLayer):
             yield n, m
-
-
-def _wrappers(model: nn.Module) -> Iterator[LoraLayer | SavedModule]:
-    for m in model.modules():
-        if isinstance(m, (LoraLayer, SavedModule)):
-            yield m
-
-
-def _plain_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """named_modules, hiding the insides of our wrappers (so `q_proj.base_layer` is never a target)."""
-    hidden: list[str] = []
-    for n, m in model.named_modules():
-        if not n or any(n.startswith(h + ".") for h in hidden):
-            continue
-        if isinstance(m, (LoraLayer, SavedModule)):
-            hidden.append(n)
-        yield n, m
 
 
 def _module_name(model: nn.Module, target: nn.Module | None) -> str | None:
@@ -71,7 +63,7 @@ def _module_name(model: nn.Module, target: nn.Module | None) -> str | None:
 def targetable_names(model: nn.Module) -> list[str]:
     """Leaf names of every module LoRA can wrap (what `target_modules` may list)."""
     return sorted(
-        {n.rsplit(".", 1)[-1] for n, m in _plain_modules(model) if isinstance(m, (*TARGET_TYPES, LoraLayer))}
+        {n.rsplit(".", 1)[-1] for n, m in plain_modules(model) if isinstance(m, (*TARGET_TYPES, LoraLayer))}
     )
 
 
@@ -79,7 +71,7 @@ def resolve_targets(
     model: nn.Module, cfg: LoraConfig, exclude: list[str]
 ) -> tuple[list[str], list[str] | str]:
     """(module paths to wrap, target_modules as PEFT should read it back)."""
-    mods = dict(_plain_modules(model))
+    mods = dict(plain_modules(model))
     ok = {n for n, m in mods.items() if isinstance(m, (*TARGET_TYPES, LoraLayer))}
     excluded = set(exclude)
     under_excluded = {n for n in mods if any(n == e or n.startswith(e + ".") for e in excluded)}
@@ -107,48 +99,11 @@ def resolve_targets(
     return names, spec
 
 
-def resolve_modules_to_save(model: nn.Module, cfg: LoraConfig, task: str) -> list[str]:
-    if cfg.modules_to_save is None:
-        return task_head_modules(model, task)
-    mods = dict(_plain_modules(model))
-    found: list[str] = []
-    for want in cfg.modules_to_save:
-        hits = [n for n in mods if n == want or n.endswith("." + want)]
-        if not hits and want not in TASK_HEAD_NAMES:  # PEFT lists classifier+score for every seq-cls model
-            raise ValueError(f"method.modules_to_save: no module named {want!r} in this model")
-        found += [h for h in hits if h not in found]
-    return found
-
-
-def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent, child = get_submodule_parent(model, path)
-    setattr(parent, child, new)
-
-
-def _wrapped(
-    model: nn.Module, path: str, cls: type[LoraLayer] | type[SavedModule], active: str | None
-) -> LoraLayer | SavedModule:
-    """The wrapper of type `cls` at `path`, wrapping the plain module there on first use (following `active`)."""
-    mod = model.get_submodule(path)
-    if not isinstance(mod, cls):
-        mod = cls(mod)
-        mod.active = active
-        _replace(model, path, mod)
-    return mod
-
-
 def add_adapter(model: nn.Module, name: str, cfg: LoraConfig, task: str = "causal-lm") -> None:
     """Add adapter `name` (LoRA layers + modules_to_save copies). The first adapter added becomes active."""
-    if not _NAME_RE.match(name) or name == BASE:
-        raise ValueError(f"adapter name {name!r}: use letters, digits, '_' or '-' (and not {BASE!r})")
-    st: LoraState | None = getattr(model, "_sftlab_lora", None)
-    if st is None:
-        st = LoraState()
-        model._sftlab_lora = st
-    if name in st.configs:
-        raise ValueError(f"adapter {name!r} already exists; delete_adapter first or pick another name")
+    reg = named.claim(model, ATTR, name)
     unmerge_adapter(model)
-    save_paths = resolve_modules_to_save(model, cfg, task)
+    save_paths = named.resolve_saved(model, cfg.modules_to_save, task)
     out_head = (
         _module_name(model, model.get_output_embeddings())
         if hasattr(model, "get_output_embeddings")
@@ -157,111 +112,63 @@ def add_adapter(model: nn.Module, name: str, cfg: LoraConfig, task: str = "causa
     exclude = save_paths + task_head_modules(model, task) + ([out_head] if out_head else [])
     paths, spec = resolve_targets(model, cfg, exclude)
     for path in paths:
-        _wrapped(model, path, LoraLayer, st.active).add_adapter(name, cfg)
+        named.wrap(model, path, LoraLayer, reg.active).add_adapter(name, cfg)
     for path in save_paths:
-        _wrapped(model, path, SavedModule, st.active).add_adapter(name)
-    st.configs[name], st.targets[name], st.saved[name], st.target_spec[name] = cfg, paths, save_paths, spec
-    st.task[name] = task
-    set_adapter(model, st.active or name)
-
-
-def _refresh_trainable(model: nn.Module) -> None:
-    """Exactly the active adapter's tensors train; the base (and other adapters) stay frozen."""
-    freeze_all(model)
-    active = lora_state(model).active
-    for m in _wrappers(model):
-        if isinstance(m, LoraLayer):
-            for d in (m.lora_A, m.lora_B, m.lora_magnitude_vector):
-                if active in d:
-                    d[active].requires_grad_(True)
-        elif active in m.modules_to_save:
-            m.modules_to_save[active].requires_grad_(True)
+        named.wrap(model, path, SavedModule, reg.active).add_adapter(name)
+    reg.add(name, LoraEntry(cfg, paths, save_paths, spec, task), paths + save_paths)
+    set_adapter(model, reg.active or name)
 
 
 def set_adapter(model: nn.Module, name: str) -> None:
     """Make `name` the adapter used by forward and the only one that trains."""
-    st = lora_state(model)
-    if name not in st.configs:
-        raise KeyError(f"no adapter named {name!r}; have {', '.join(st.configs) or 'none'}")
-    if st.active != name:
+    reg = lora_registry(model)
+    reg.require(name)
+    if reg.active != name:
         unmerge_adapter(model)
-    st.active = name
-    for m in _wrappers(model):
-        m.active = name
-    _refresh_trainable(model)
+    named.activate(model, reg, name)
+    named.train_only(model, reg, name)
 
 
 def adapter_names(model: nn.Module) -> list[str]:
-    st = getattr(model, "_sftlab_lora", None)
-    return list(st.configs) if st else []
+    reg = named.registry(model, ATTR)
+    return list(reg.info) if reg else []
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter `name`; wrappers left with no adapter are replaced by their original module."""
-    st = lora_state(model)
-    if name not in st.configs:
-        raise KeyError(f"no adapter named {name!r}; have {', '.join(st.configs)}")
-    for path in st.targets[name]:
-        layer = model.get_submodule(path)
-        layer.delete_adapter(name)
-        if not layer.adapter_names():
-            _replace(model, path, layer.base_layer)
-    for path in st.saved[name]:
-        mod = model.get_submodule(path)
-        mod.delete_adapter(name)
-        if not mod.adapter_names():
-            _replace(model, path, mod.original_module)
-    for d in (st.configs, st.targets, st.saved, st.target_spec, st.task):
-        d.pop(name, None)
-    if st.active == name:
-        st.active = None
-        if st.configs:
-            set_adapter(model, next(iter(st.configs)))
-    if not st.configs:
-        del model._sftlab_lora
+    reg = lora_registry(model)
+    was_active = reg.active == name
+    named.remove(model, reg, name)  # LoraLayer.delete_adapter unmerges and undoes PiSSA first
+    if not reg.info:
+        delattr(model, ATTR)
         freeze_all(model)
+    elif was_active:
+        set_adapter(model, next(iter(reg.info)))
     else:
-        _refresh_trainable(model)
+        named.train_only(model, reg, reg.active)
 
 
 @contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[None]:
     """Inside the block the model computes exactly the base outputs (merged weights are unmerged first)."""
     unmerge_adapter(model)
-    wrappers = list(_wrappers(model))
-    for m in wrappers:
-        m.disabled = True
-    try:
+    with named.disabled(model, lora_registry(model)):
         yield
-    finally:
-        for m in wrappers:
-            m.disabled = False
 
 
 @contextmanager
 def adapter_per_row(model: nn.Module, names: list[str]) -> Iterator[None]:
     """One forward where batch row i uses adapter names[i] ('__base__' = none), like PEFT's adapter_names=."""
-    st = lora_state(model)
-    unknown = sorted({n for n in names if n != BASE and n not in st.configs})
-    if unknown:
-        raise KeyError(
-            f"adapter_per_row: unknown adapters {unknown}; have {', '.join(st.configs)} and {BASE!r}"
-        )
+    reg = lora_registry(model)
     if any(layer.merged for _, layer in lora_layers(model)):
         raise RuntimeError("adapter_per_row needs unmerged adapters; call unmerge_adapter(model) first")
-    wrappers = list(_wrappers(model))
-    for m in wrappers:
-        m.row_adapters = list(names)
-    try:
+    with named.per_row(model, reg, names):
         yield
-    finally:
-        for m in wrappers:
-            m.row_adapters = None
 
 
 def merge_adapter(model: nn.Module) -> None:
     """Fold the active adapter into the base weights: inference then costs what the base model costs."""
-    active = lora_state(model).active
+    active = lora_registry(model).active
     for _, layer in lora_layers(model):
         layer.merge(active)
 
@@ -275,15 +182,15 @@ def unmerge_adapter(model: nn.Module) -> None:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge the active adapter and return the plain HF model (original Linear/Conv1D with merged weights,
     modules_to_save replaced by the adapter's trained copy), ready for `save_pretrained` and `from_pretrained`.
-    Used by `sftlab merge RUN_DIR OUT_DIR`."""
+    Used by `sftlab merge RUN_DIR OUT_DIR` through the method's `merge` slot."""
     merge_adapter(model)
-    for path, m in list(_plain_modules(model)):
+    for path, m in list(plain_modules(model)):
         if isinstance(m, LoraLayer):
-            _replace(model, path, m.base_layer)
+            named.replace(model, path, m.base_layer)
         elif isinstance(m, SavedModule):
             m.disabled = False
-            _replace(model, path, m.current())
-    if hasattr(model, "_sftlab_lora"):
-        del model._sftlab_lora
+            named.replace(model, path, m.module())
+    if hasattr(model, ATTR):
+        delattr(model, ATTR)
     freeze_all(model)
     return model

@@ -115,7 +115,7 @@ def _unknown_arch_error(model: nn.Module, model_type: str, why: str) -> ValueErr
         example = f" Projections in block {lists[0]}.0: {', '.join(projs)}."
     return ValueError(
         f"adapter: no insertion map for model_type {model_type!r} ({type(model).__name__}) and {why}. "
-        f"Add an entry to sftlab.methods.adapter_map.INSERTION_MAP: "
+        f"Add an entry to sftlab.methods.adapter.adapter_map.INSERTION_MAP: "
         f"{model_type!r}: ArchPoints(attn=('<attention output module>',), ffn=('<FFN output module>',)), "
         f"names relative to a transformer block.{example}"
     )
