@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -258,16 +258,21 @@ def train_only(model: nn.Module, reg: Registry, name: str | None) -> None:
 
 
 @contextmanager
-def disabled(model: nn.Module, reg: Registry) -> Iterator[None]:
-    """Inside the block every switch runs its bare base module."""
+def _held(model: nn.Module, reg: Registry, attr: str, value: Any, reset: Any) -> Iterator[None]:
+    """Every switch has `attr` = value inside the block, and `reset` after it."""
     held = list(switches(model, reg))
     for s in held:
-        s.disabled = True
+        setattr(s, attr, value)
     try:
         yield
     finally:
         for s in held:
-            s.disabled = False
+            setattr(s, attr, reset)
+
+
+def disabled(model: nn.Module, reg: Registry) -> AbstractContextManager[None]:
+    """Inside the block every switch runs its bare base module."""
+    return _held(model, reg, "disabled", True, False)
 
 
 @contextmanager
@@ -279,14 +284,8 @@ def per_row(model: nn.Module, reg: Registry, names: Sequence[str | None]) -> Ite
         raise KeyError(
             f"adapter_per_row: no adapter named {unknown[0]!r}; have {', '.join(reg.info) or 'none'} and {BASE_ROW!r}"
         )
-    held = list(switches(model, reg))
-    for s in held:
-        s.row_names = rows
-    try:
+    with _held(model, reg, "row_names", rows, None):
         yield
-    finally:
-        for s in held:
-            s.row_names = None
 
 
 def remove(model: nn.Module, reg: Registry, name: str) -> None:
