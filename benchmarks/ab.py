@@ -9,8 +9,9 @@ trainer's own batching, and times forward + backward of all four with the lever 
   python -m benchmarks.ab --lever method.fused_forward
   python -m benchmarks.ab --lever loss_chunk_size=256:512
 
-Levers: the switches of `causal_lm_loss` (fused, varlen_attn, trim_last_mlp, fused_rope), `method.fused_forward`
-(LoRA as one autograd node vs base + separate delta), `onednn_gemm` (sftlab/gemm.py), or `loss_chunk_size=A:B`.
+Levers: the `perf:` switches of the objective and its patches (fused_loss, varlen_attention, trim_last_mlp,
+fused_rope, onednn_gemm), `method.fused_forward` (LoRA as one autograd node vs base + separate delta), or
+`loss_chunk_size=A:B`. Each pass runs as the trainer runs it: `Objective` inside `train.patches.applied`.
 `--method full` runs the B2 setup instead of LoRA.
 """
 
@@ -25,12 +26,12 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-LOSS_LEVERS = ("fused", "varlen_attn", "trim_last_mlp", "fused_rope")
+LEVERS = ("fused_loss", "varlen_attention", "trim_last_mlp", "fused_rope", "onednn_gemm")
 
 
 def _passes(model, n: int = 4) -> list[dict]:
     from sftlab.config import TrainConfig
-    from sftlab.train.loop import Trainer
+    from sftlab.train.loop import LoopState, Trainer
 
     from .workloads import encoded_examples
 
@@ -38,10 +39,10 @@ def _passes(model, n: int = 4) -> list[dict]:
     cfg = TrainConfig(output_dir="unused", max_steps=10, batch_size=8, progress=False, log_every=10**9)
     tr = Trainer(model=model, cfg=cfg, task="causal-lm", train_examples=ex, pad_id=0,
                  run_dir=pathlib.Path(tempfile.mkdtemp()), log=lambda *_: None)  # fmt: skip
-    stream, out = tr._micro_batches(), []
+    state, out = LoopState(), []
     while len(out) < n:
-        for part in tr.split_by_tokens(next(stream)):
-            batch = tr.collate([ex[i] for i in part])
+        for part in tr.stream.split_by_tokens(tr.stream.next_batch(state)):
+            batch = tr.stream.collate([ex[i] for i in part])
             if 800 < batch["input_ids"].numel() <= 1024 and len(out) < n:
                 out.append(batch)
     return out
@@ -55,19 +56,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--method", default="lora", choices=["lora", "full"])
     args = ap.parse_args(argv)
 
-    import contextlib
-
     import torch
 
     torch.set_num_threads(args.threads)
-    from sftlab import gemm
+    from sftlab.config import PerfConfig
     from sftlab.methods.lora.layer import LoraLayer
-    from sftlab.train.loss import compute_loss
+    from sftlab.train import patches
     from sftlab.train.memory import retain_freed_memory
+    from sftlab.train.objective import Objective
 
     from .workloads import apply_method, build_model
 
-    retain_freed_memory()  # as `fit` does (train.malloc_retain)
+    retain_freed_memory()  # as `fit` does (perf.malloc_retain)
     model = build_model()
     apply_method(model, args.method)
     with torch.no_grad():  # a trained-looking B, so the LoRA path's numbers are not all zeros
@@ -78,10 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     passes = _passes(model)
     opts: dict = {}
     chunk = {"on": 512, "off": 512}
-    dnn = {"on": True}  # the trainer's default (train.onednn_gemm)
-    if args.lever == "onednn_gemm":
-        sides = {"on": lambda: dnn.update(on=True), "off": lambda: dnn.update(on=False)}
-    elif args.lever in LOSS_LEVERS:
+    if args.lever in LEVERS:
         sides = {
             "on": lambda: opts.update({args.lever: True}),
             "off": lambda: opts.update({args.lever: False}),
@@ -107,15 +104,15 @@ def main(argv: list[str] | None = None) -> int:
         for side, switch in order:
             switch()
             model.zero_grad(set_to_none=True)
-            t0 = time.perf_counter()
-            for batch in passes:
-                with contextlib.ExitStack() as stack:
-                    stack.enter_context(gemm.enabled(dnn["on"]))
-                    stack.enter_context(gemm.linears(model, dnn["on"]))
-                    loss, _ = compute_loss(model, batch, "causal-lm", chunk[side], **opts)
-                    (loss / 1000).backward()
+            perf = PerfConfig(loss_chunk_size=chunk[side], **opts)
+            objective = Objective(model, "causal-lm", perf)
+            with patches.applied(model, perf, malloc=False):  # malloc retained once above, as in a fit
+                t0 = time.perf_counter()
+                for batch in passes:
+                    (objective(batch).loss / 1000).backward()
+                dt = time.perf_counter() - t0
             if rep:
-                times[side].append(time.perf_counter() - t0)
+                times[side].append(dt)
     tokens = sum(b["input_ids"].numel() for b in passes)
     on, off = statistics.median(times["on"]), statistics.median(times["off"])
     diff = statistics.median(b - a for a, b in zip(times["on"], times["off"]))

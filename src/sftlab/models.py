@@ -1,12 +1,12 @@
 """Load a base model and tokenizer for a task kind: HF id, local dir, GGUF file, or a built-in tiny name.
 
 Tiny models are random-initialised from small configs with a byte-level tokenizer built in code, so
-tests and demos never need a download.
+tests and demos never need a download. Aliases (the quickstart's demo model) are resolved above, in `hub`:
+this module only loads, and never downloads anything but what transformers fetches for an HF id.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import warnings
 from pathlib import Path
@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
@@ -28,8 +27,6 @@ from transformers import (
     T5Config,
 )
 
-log = logging.getLogger(__name__)
-
 TASKS = ("causal-lm", "seq-cls", "seq2seq")
 TINY_NAMES = ("tiny-llama", "tiny-gpt2", "tiny-bert", "tiny-t5")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -41,8 +38,6 @@ _AUTO_CLASSES = {
 }
 
 SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
-# Alias for the quickstart's cached SmolLM2 directory (its path varies per machine).
-DEMO_MODEL = "smollm2-135m-instruct"
 
 
 def byte_tokenizer(model_max_length: int = 512) -> PreTrainedTokenizerFast:
@@ -159,23 +154,7 @@ def _is_gguf(name: str) -> bool:
     return name.lower().endswith(".gguf")
 
 
-def resolve_alias(name: str) -> str:
-    """`smollm2-135m-instruct` (unless a local path of that name exists) -> the quickstart cache dir, built on
-    first use; other names unchanged."""
-    if name != DEMO_MODEL or Path(name).exists():
-        return name
-    from .quickstart.demo_model import obtain_demo_model
-
-    path = obtain_demo_model(log=log.info)
-    if path is None:
-        raise FileNotFoundError(
-            f"model.name: {name!r}: the demo model could not be obtained (offline and not cached?)"
-        )
-    return str(path)
-
-
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    name = resolve_alias(name)
     if name in TINY_NAMES:
         return byte_tokenizer()
     if _is_gguf(name):
@@ -195,10 +174,9 @@ def load_model(
     attn_implementation: str | None = "sdpa",
     tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Return (model, tokenizer). `name` is a tiny name, a local directory, a .gguf file, an HF id, or the
-    `smollm2-135m-instruct` alias of the quickstart's demo model. Pass `tokenizer` when it is already loaded
-    (a GGUF tokenizer takes seconds to parse)."""
-    name = resolve_alias(name)
+    """Return (model, tokenizer). `name` is a tiny name, a local directory, a .gguf file or an HF id (aliases:
+    `hub.load_model`). Pass `tokenizer` when it is already loaded (a GGUF tokenizer takes seconds to parse); tiny
+    models always come with their own byte tokenizer."""
     if task not in TASKS:
         raise ValueError(f"model.task: {task!r} is not one of {', '.join(TASKS)}")
     torch_dtype = _check_dtype(dtype)
@@ -249,22 +227,12 @@ def enable_activation_checkpointing(model: PreTrainedModel) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def model_family(model: PreTrainedModel) -> str:
-    """The architecture family (config.model_type), e.g. 'llama', 'gpt2', 'bert', 't5'."""
-    return getattr(model.config, "model_type", type(model).__name__.lower())
-
-
-def is_local_model_dir(name: str) -> bool:
-    return Path(name).is_dir() and (Path(name) / "config.json").exists()
-
-
 __all__ = [
     "TASKS",
     "TINY_NAMES",
-    "AutoConfig",
     "build_tiny",
     "byte_tokenizer",
+    "enable_activation_checkpointing",
     "load_model",
     "load_tokenizer",
-    "model_family",
 ]

@@ -1,4 +1,9 @@
-"""`sftlab train` as a recipe: setup -> train -> save. Each line is one step of the spine."""
+"""`sftlab train` as a recipe of explicit steps, each a function a pipeline or a multi-task run can call alone:
+
+    load_tokenizer -> load_data -> load_base -> apply_method -> fit -> save_final (runs.py)
+
+`prepare` runs the setup steps; `train` runs them all into a run directory and writes summary.json.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +15,15 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
+from . import hub
 from .config import RunConfig, dump_config, save_config
-from .data import load_data
-from .methods import MethodContext, get_method
+from .data import EncodedData
+from .data import load_data as _read_and_encode
 from .methods._targets import count_parameters
-from .models import TINY_NAMES, enable_activation_checkpointing, load_model, load_tokenizer
-from .runs import save_final
+from .models import enable_activation_checkpointing
+from .runs import method_of, save_final
 from .train.loop import Trainer, TrainingDiverged
 
 
@@ -57,41 +64,68 @@ def physical_cores() -> int:
         return max(1, usable)
 
 
-def _set_threads(n: int | None) -> None:
-    torch.set_num_threads(n or physical_cores())
+# -- the steps ------------------------------------------------------------------------------------------
 
 
-def prepare(cfg: RunConfig, log=print):
-    """Load tokenizer, data, model; apply the method. Returns (model, tokenizer, train_data, eval_data)."""
-    m = cfg.model
-    tokenizer = load_tokenizer(m.name, m.trust_remote_code)
-    train_data, eval_data = load_data(cfg.data, tokenizer, m.task, cfg.train.seed)
+def load_tokenizer(cfg: RunConfig) -> PreTrainedTokenizerBase:
+    return hub.load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
+
+
+def load_data(
+    cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, log=print
+) -> tuple[EncodedData, EncodedData | None]:
+    """(train, eval or None), encoded; bad records raise before any model is loaded."""
+    train_data, eval_data = _read_and_encode(cfg.data, tokenizer, cfg.model.task, cfg.train.seed)
     st = train_data.stats
     log(
         f"data: {st.get('examples')} train examples, {st.get('supervised_tokens')} supervised tokens, "
         f"{st.get('truncated', 0)} truncated to {cfg.data.max_length}, {st.get('dropped', 0)} dropped"
         + (f"; {len(eval_data.examples)} eval examples" if eval_data else "")
     )
-    labels = train_data.label_names
+    return train_data, eval_data
+
+
+def load_base(
+    cfg: RunConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    label_names: list[str] | None = None,
+    init_from: str | Path | None = None,
+) -> torch.nn.Module:
+    """The base model, seeded; with `init_from` (a model directory, e.g. a previous run's final/ full model or a
+    merged one) its weights instead of `model.name`'s. A seq-cls head gets one output per label name."""
+    m = cfg.model
     torch.manual_seed(cfg.train.seed)
-    model, _ = load_model(
-        m.name,
+    model, _ = hub.load_model(
+        str(init_from) if init_from is not None else m.name,
         m.task,
         m.dtype,
-        len(labels) if labels else None,
+        len(label_names) if label_names else None,
         m.trust_remote_code,
         m.attn_implementation,
-        tokenizer=None if m.name in TINY_NAMES else tokenizer,
+        tokenizer=tokenizer,
     )
-    if labels:
-        model.config.id2label = dict(enumerate(labels))
-        model.config.label2id = {v: i for i, v in enumerate(labels)}
-    ctx = MethodContext(task=m.task, tokenizer=tokenizer, base_model_name=m.name)
+    if label_names:
+        model.config.id2label = dict(enumerate(label_names))
+        model.config.label2id = {v: i for i, v in enumerate(label_names)}
+    return model
+
+
+def apply_method(model: torch.nn.Module, cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Freeze the base and add the method's trainable parts, seeded; activation checkpointing if asked."""
+    spec, ctx = method_of(cfg, tokenizer)
     torch.manual_seed(cfg.train.seed)
-    get_method(cfg.method.name).apply(model, cfg.method, ctx)
+    spec.apply(model, cfg.method, ctx)
     if cfg.train.gradient_checkpointing:
         enable_activation_checkpointing(model)
         model.config.use_cache = False
+
+
+def prepare(cfg: RunConfig, log=print):
+    """The setup steps. Returns (model, tokenizer, train_data, eval_data)."""
+    tokenizer = load_tokenizer(cfg)
+    train_data, eval_data = load_data(cfg, tokenizer, log)
+    model = load_base(cfg, tokenizer, train_data.label_names)
+    apply_method(model, cfg, tokenizer)
     return model, tokenizer, train_data, eval_data
 
 
@@ -99,7 +133,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log=pri
     """Train per `cfg`; returns the summary (also written to summary.json)."""
     t_start = time.perf_counter()
     run_dir = _setup_run_dir(cfg, resume, overwrite)
-    _set_threads(cfg.train.threads)
+    torch.set_num_threads(cfg.train.threads or physical_cores())
     random.seed(cfg.train.seed)
     model, tokenizer, train_data, eval_data = prepare(cfg, log)
     trainable, total = count_parameters(model)
@@ -116,6 +150,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log=pri
         run_dir=run_dir,
         eval_examples=eval_data.examples if eval_data else None,
         log=log,
+        perf=cfg.perf,
     )
     error = None
     try:

@@ -18,11 +18,17 @@ from pathlib import Path
 
 from torch import nn
 
+from . import hub
 from .config import RunConfig, load_config
-from .methods import MethodContext, get_method
-from .models import load_model
+from .methods import MethodContext, MethodSpec, get_method
 
 RUN_INFO = "sftlab.json"
+
+
+def method_of(cfg: RunConfig, tokenizer) -> tuple[MethodSpec, MethodContext]:
+    """The run's method and what it may know of the run: the one place both are made."""
+    ctx = MethodContext(task=cfg.model.task, tokenizer=tokenizer, base_model_name=cfg.model.name)
+    return get_method(cfg.method.name), ctx
 
 
 def save_final(
@@ -32,8 +38,7 @@ def save_final(
     final, tmp = run_dir / "final", run_dir / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    spec = get_method(cfg.method.name)
-    ctx = MethodContext(task=cfg.model.task, tokenizer=tokenizer, base_model_name=cfg.model.name)
+    spec, ctx = method_of(cfg, tokenizer)
     spec.save(model, cfg.method, tmp, ctx)
     tokenizer.save_pretrained(tmp)
     info = {
@@ -55,7 +60,7 @@ def load_run(run_dir: str | Path, which: str = "final") -> tuple[nn.Module, obje
     cfg_path = run / "config.yaml"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{run}: not a run directory (no config.yaml)")
-    cfg = load_config(cfg_path)
+    cfg = load_config(cfg_path, migrate=True)
     final = run / which
     info_path = final / RUN_INFO
     if not info_path.is_file():
@@ -63,19 +68,14 @@ def load_run(run_dir: str | Path, which: str = "final") -> tuple[nn.Module, obje
     info = json.loads(info_path.read_text())
     labels = info.get("label_names")
     num_labels = len(labels) if labels else None
-    spec = get_method(cfg.method.name)
     m = cfg.model
-    if spec.saves_full_model:
-        model, _ = load_model(
-            str(final), m.task, m.dtype, num_labels, m.trust_remote_code, m.attn_implementation
-        )
-    else:
-        model, _ = load_model(m.name, m.task, m.dtype, num_labels, m.trust_remote_code, m.attn_implementation)
-    from .models import load_tokenizer
-
-    tokenizer = load_tokenizer(str(final))
+    tokenizer = hub.load_tokenizer(str(final))
+    spec, ctx = method_of(cfg, tokenizer)
+    source = str(final) if spec.saves_full_model else m.name
+    model, _ = hub.load_model(
+        source, m.task, m.dtype, num_labels, m.trust_remote_code, m.attn_implementation, tokenizer=tokenizer
+    )
     if not spec.saves_full_model:
-        ctx = MethodContext(task=m.task, tokenizer=tokenizer, base_model_name=m.name)
         spec.apply(model, cfg.method, ctx)
         spec.load(model, cfg.method, final, ctx)
     model.eval()

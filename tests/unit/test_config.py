@@ -97,8 +97,25 @@ def test_resolved_config_round_trips(canonical, tmp_path):
 def test_shipped_configs_validate():
     root = Path(__file__).resolve().parents[2] / "configs"
     files = sorted(root.rglob("*.yaml"))
+    assert len(files) >= 7, f"expected the shipped configs under {root}, found {len(files)}"
     for f in files:
         cfg = load_config(f)
-        assert cfg.model.name and cfg.method.name, f
+        assert cfg.method.name == f.stem, f"{f}: configs are named <model>/<method>.yaml"
+        rel = f.relative_to(root.parent).as_posix()
         header = f.read_text().splitlines()[0]
-        assert header.startswith("#") and "sftlab" in header, f"{f}: first line must say how to run it"
+        assert header.startswith(f"# sftlab train {rel}"), f"{f}: first line must be the command that runs it"
+
+
+def test_speed_levers_live_in_perf_and_old_keys_name_their_new_place(tmp_path):
+    cfg = load_config(None, ["model.name=tiny-llama", "data.train=x.jsonl", "perf.fused_loss=false"])
+    assert cfg.perf.fused_loss is False and cfg.perf.onednn_gemm is True
+    with pytest.raises(ConfigError, match=r"train\.fused_loss moved to perf\.fused_loss"):
+        load_config(None, ["model.name=tiny-llama", "data.train=x.jsonl", "train.fused_loss=false"])
+    old = tmp_path / "config.yaml"  # a run directory written before perf: existed
+    old.write_text(
+        "model: {name: tiny-llama}\ndata: {train: x.jsonl}\ntrain: {micro_batch_tokens: 64, lr: 0.01}\n"
+    )
+    with pytest.raises(ConfigError, match="train.micro_batch_tokens moved to perf.micro_batch_tokens"):
+        load_config(old)
+    migrated = load_config(old, migrate=True)
+    assert migrated.perf.micro_batch_tokens == 64 and migrated.train.lr == 0.01

@@ -51,7 +51,7 @@ def test_unknown_names_are_clear_errors(monkeypatch):
 
 
 def test_gradient_checkpointing_gives_same_loss_and_grads():
-    from sftlab.train.loss import compute_loss
+    from helpers import compute_loss
 
     ids = torch.randint(4, 200, (2, 24))
     labels = ids.clone()

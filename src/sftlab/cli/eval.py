@@ -42,12 +42,12 @@ def run(args: argparse.Namespace) -> int:
         )
     data, _ = load_data(data_cfg, tok, cfg.model.task, cfg.train.seed)
     if args.base:
-        from ..models import load_model
+        from ..hub import load_model
 
         m = cfg.model
         model, _ = load_model(
             m.name, m.task, m.dtype, model.config.num_labels if m.task == "seq-cls" else None
         )
-    res = evaluate(model, data.examples, cfg.model.task, args.batch_size, tok.pad_token_id)
+    res = evaluate(model, data.examples, cfg.model.task, args.batch_size, tok.pad_token_id, cfg.perf)
     print(json.dumps({"data": data_cfg.train, "examples": len(data.examples), **res}, indent=2))
     return 0

@@ -4,8 +4,8 @@ Public API: `load_data`, `encode_dataset`, `encode_prompt`, `EncodedData`, `Data
 `epoch_batches`, `token_budget_batches`, `collate`, `collate_packed`, `supervised_segments`.
 """
 
-from .batching import collate, collate_packed, epoch_batches, token_budget_batches
-from .encode import IGNORE, EncodedData, encode_dataset, encode_prompt, supervised_segments
+from .batching import IGNORE, collate, collate_packed, epoch_batches, example_lengths, token_budget_batches
+from .encode import EncodedData, encode_dataset, encode_prompt, supervised_segments
 from .formats import FORMATS, Chat, Labeled, Pair, Text, Turn, parse_record
 from .load import load_data, split_eval
 from .readers import DataError, RawRecord, read_records
@@ -27,6 +27,7 @@ __all__ = [
     "encode_dataset",
     "encode_prompt",
     "epoch_batches",
+    "example_lengths",
     "get_template",
     "load_data",
     "parse_record",

@@ -11,8 +11,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-IGNORE = -100
+IGNORE = -100  # the label of a position that gets no loss (torch's ignore_index); its one definition
 MEGA = 50  # mega-chunk = MEGA batches: enough to group lengths, small enough to keep randomness
+
+
+def example_lengths(examples: list[dict]) -> list[int]:
+    """Per-example cost for batching: the longer of the input and (seq2seq) label sequence."""
+    return [
+        max(len(ex["input_ids"]), len(ex["labels"]) if isinstance(ex["labels"], list) else 0)
+        for ex in examples
+    ]
 
 
 def _rng(seed: int, epoch: int) -> np.random.Generator:

@@ -17,13 +17,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from .batching import IGNORE
 from .formats import ROLES, Chat, Labeled, Pair, Record, Text, Turn, as_chat, as_pair, parse_record
 from .readers import DataError, RawRecord, short
 from .templates import get_template
 
 log = logging.getLogger(__name__)
 
-IGNORE = -100
 TASK_FORMATS = {
     "causal-lm": ("text", "alpaca", "messages", "sharegpt", "seq2seq"),
     "seq-cls": ("classification",),
@@ -41,13 +41,6 @@ class EncodedData:
 
     def __len__(self) -> int:
         return len(self.examples)
-
-    def lengths(self) -> list[int]:
-        """Per-example cost for length grouping: the longer of input and (seq2seq) label sequence."""
-        return [
-            max(len(ex["input_ids"]), len(ex["labels"]) if isinstance(ex["labels"], list) else 0)
-            for ex in self.examples
-        ]
 
 
 def check_task_format(task: str, fmt: str) -> None:

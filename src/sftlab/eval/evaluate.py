@@ -1,40 +1,28 @@
-"""Loss / perplexity (LMs) and accuracy (classification) over encoded examples."""
+"""Loss / perplexity (LMs) and accuracy (classification) of a model over encoded examples.
+
+The same objective and levers as training (`train/objective.py`, `train/patches.py`), so a reloaded run scores
+exactly what training reported.
+"""
 
 from __future__ import annotations
 
-import math
-
-import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..data.batching import collate
-from ..train.loss import compute_loss
+from ..config import PerfConfig
+from ..train import patches
+from ..train.eval_loss import eval_loss
+from ..train.objective import Objective
 
 
-@torch.no_grad()
 def evaluate(
-    model: nn.Module, examples: list[dict], task: str, batch_size: int, pad_id: int, chunk_size: int = 1024
+    model: nn.Module,
+    examples: list[dict],
+    task: str,
+    batch_size: int,
+    pad_id: int,
+    perf: PerfConfig | None = None,
 ) -> dict:
-    """Mean loss per supervised token over all examples (not a mean of batch means)."""
-    was_training = model.training
-    model.eval()
-    total, n_tok, correct = 0.0, 0, 0
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
-    for start in range(0, len(order), batch_size):
-        batch = collate([examples[i] for i in order[start : start + batch_size]], pad_id, task)
-        if task == "seq-cls":
-            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
-            loss, n = F.cross_entropy(logits, batch["labels"], reduction="sum"), len(batch["labels"])
-            correct += int((logits.argmax(-1) == batch["labels"]).sum())
-        else:
-            loss, n = compute_loss(model, batch, task, chunk_size)
-        total += float(loss)
-        n_tok += n
-    model.train(was_training)
-    out = {"eval_loss": total / max(1, n_tok), "eval_tokens": n_tok}
-    if task != "seq-cls":
-        out["eval_perplexity"] = math.exp(min(out["eval_loss"], 50.0))
-    else:
-        out["eval_accuracy"] = correct / max(1, len(examples))
-    return out
+    """Mean loss per supervised token over all examples (not a mean of batch means), plus perplexity or accuracy."""
+    perf = perf or PerfConfig()
+    with patches.applied(model, perf, malloc=False):
+        return eval_loss(Objective(model, task, perf), examples, batch_size, pad_id)

@@ -16,14 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-
-class StrictModel(BaseModel):
-    """Base for every config section: unknown keys are errors, fields are validated on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from ..strict import StrictModel
 
 
 class MethodConfigBase(StrictModel):

@@ -1,32 +1,33 @@
-"""The training loop: accumulation with per-token normalisation, schedule, clipping, eval, early stopping,
-atomic checkpoints, exact resume, NaN guard and clean Ctrl-C.
+"""The training loop: sampler -> step -> callbacks (metrics, eval, checkpoints), with exact resume.
 
-It sees only a model whose trainable parameters have requires_grad=True and lists of encoded examples;
-it knows nothing about which method produced the parameters.
+A step accumulates its passes with per-token normalisation (the gradient of the whole batch), clips, and steps
+the optimizer and schedule; a NaN stops the run with the last good checkpoint kept; Ctrl-C rewinds to the
+step's start and saves, so resume replays it. The loop sees an `Objective` (model + loss in one module, which
+DDP/FSDP can wrap) and encoded examples; it knows nothing about which method made the trainable parameters.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from .. import gemm
-from ..config import TrainConfig
-from ..data.batching import balanced_parts, collate, collate_packed, epoch_batches, token_budget_batches
-from ..eval.evaluate import evaluate
+from ..config import PerfConfig, TrainConfig
+from . import patches
+from .callbacks import Callback, CheckpointCallback, EvalCallback, MetricsCallback
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from .loss import compute_loss, count_supervised
-from .memory import release_retained_memory, retain_freed_memory, set_malloc_mmap_threshold
-from .metrics import MetricsLog, plot_loss
+from .eval_loss import eval_loss
+from .metrics import MetricsLog
+from .objective import Objective, count_supervised
 from .optim import build_optimizer, build_scheduler
 from .packing import resolve_packing
-from .progress import Progress
+from .stream import BatchStream
 
 
 class TrainingDiverged(RuntimeError):
@@ -51,6 +52,28 @@ class LoopState:
         return dict(self.__dict__)
 
 
+class StepResult(NamedTuple):
+    loss: float  # mean per supervised token over the step
+    supervised: int
+    real_tokens: int  # non-pad tokens
+    lr: float  # the rate this step used
+    grad_norm: float
+    seconds: float
+    passes: list[dict[str, torch.Tensor]]  # the collated passes (benchmarks count their tokens)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.real_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def default_callbacks(cfg: TrainConfig) -> list[Callback]:
+    return [
+        MetricsCallback(cfg.log_every, cfg.progress),
+        EvalCallback(cfg.eval_every, cfg.early_stopping_patience),
+        CheckpointCallback(cfg.save_every),
+    ]
+
+
 @dataclass
 class Trainer:
     model: nn.Module
@@ -61,70 +84,39 @@ class Trainer:
     run_dir: Path
     eval_examples: list[dict] | None = None
     log: Callable[[str], None] = print
+    perf: PerfConfig = field(default_factory=PerfConfig)
+    callbacks: list[Callback] | None = None  # default: metrics, eval, checkpoints
     state: LoopState = field(default_factory=LoopState)
 
     def __post_init__(self) -> None:
         c = self.cfg
-        self.lengths = [len(e["input_ids"]) for e in self.train_examples]
-        self.packing = resolve_packing(c.packing, self.task, self.model, self.train_examples, self.log)
-        self.batches_per_epoch = len(self._epoch(0))
+        self.objective = Objective(self.model, self.task, self.perf)
+        self.packing = resolve_packing(
+            self.perf.packing, self.task, self.model, self.train_examples, self.log
+        )
+        self.stream = BatchStream(self.train_examples, self.task, self.pad_id, c, self.perf, self.packing)
+        self.batches_per_epoch = len(self.stream.epoch(0))
         if c.max_steps:
             self.total_steps = c.max_steps
         else:
             self.total_steps = max(1, math.ceil(c.epochs * self.batches_per_epoch / c.grad_accum))
-        self.optimizer = build_optimizer(self.model, c.lr, c.weight_decay, c.betas, c.fused_optimizer)
+        self.optimizer = build_optimizer(self.model, c.lr, c.weight_decay, c.betas, self.perf.fused_optimizer)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, c.warmup_steps, c.schedule)
         self.ckpt_root = self.run_dir / "checkpoints"
-
-    # -- data -----------------------------------------------------------------------------------------
-    def _epoch(self, epoch: int) -> list[list[int]]:
-        c = self.cfg
-        if c.max_tokens:
-            return token_budget_batches(self.lengths, c.max_tokens, c.seed, epoch)
-        return epoch_batches(self.lengths, c.batch_size, c.seed, epoch, c.group_by_length)
-
-    def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        """Packed (one row, no pad) or padded, per the resolved `packing`."""
-        return (
-            collate_packed(examples, self.task) if self.packing else collate(examples, self.pad_id, self.task)
-        )
-
-    def split_by_tokens(self, idx: list[int]) -> list[list[int]]:
-        """A batch cut into consecutive parts of at most `micro_batch_tokens` tensor tokens (one example may exceed).
-
-        The parts are accumulated into the same optimizer step with the step's supervised-token count as the
-        normaliser, so the gradient is the batch's own; only the activations alive at once shrink. Balanced
-        (see `balanced_parts`): the largest pass sets the peak memory.
-        """
-        cap = self.cfg.micro_batch_tokens
-        return balanced_parts(idx, self.lengths, cap, self.packing) if cap else [idx]
-
-    def _micro_batches(self) -> Iterator[list[int]]:
-        """Endless stream from the saved position: the same order whether or not the run was resumed."""
-        while True:
-            batches = self._epoch(self.state.epoch)
-            while self.state.batch_idx < len(batches):
-                idx = batches[self.state.batch_idx]
-                self.state.batch_idx += 1
-                yield idx
-            self.state.epoch += 1
-            self.state.batch_idx = 0
+        if self.callbacks is None:
+            self.callbacks = default_callbacks(c)
+        self.should_stop = False
 
     # -- one optimizer step ---------------------------------------------------------------------------
-    def train_step(self, micro: list[dict]) -> tuple[float, int, int]:
-        """Forward/backward over the micro-batches, normalised by the supervised tokens of all of them."""
-        n_total = sum(count_supervised(b, self.task) for b in micro)
+    def train_step(self, passes: list[dict]) -> tuple[float, int, int]:
+        """Forward/backward over the passes, normalised by the supervised tokens of all of them."""
+        n_total = sum(count_supervised(b, self.task) for b in passes)
         if n_total == 0:
             return 0.0, 0, 0
-        loss_sum = 0.0
-        real = 0
-        dnn = self.cfg.onednn_gemm
-        for batch in micro:
-            with gemm.enabled(dnn), gemm.linears(self.model, dnn):  # forward and backward (gemm.py)
-                loss, _ = compute_loss(
-                    self.model, batch, self.task, self.cfg.loss_chunk_size, **self._loss_options()
-                )
-                (loss / n_total).backward()
+        loss_sum, real = 0.0, 0
+        for batch in passes:
+            loss = self.objective(batch).loss
+            (loss / n_total).backward()
             loss_sum += float(loss.detach())
             real += (
                 int(batch["attention_mask"].sum())
@@ -132,17 +124,6 @@ class Trainer:
                 else batch["input_ids"].numel()
             )
         return loss_sum / n_total, n_total, real
-
-    def _loss_options(self) -> dict:
-        """Only the levers switched off (the defaults stay implicit)."""
-        c = self.cfg
-        levers = (
-            ("fused", c.fused_loss),
-            ("varlen_attn", c.varlen_attention),
-            ("trim_last_mlp", c.trim_last_mlp),
-            ("fused_rope", c.fused_rope),
-        )
-        return {k: False for k, on in levers if not on}
 
     def _optimizer_step(self) -> float:
         gnorm = float("nan")
@@ -154,7 +135,30 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return gnorm
 
-    # -- checkpoints ----------------------------------------------------------------------------------
+    def step(self) -> StepResult:
+        """One optimizer step on the stream's next batch; the state advances only when it completes."""
+        t0 = time.perf_counter()
+        passes = self.stream.next_step(self.state, self.cfg.grad_accum)
+        loss, n_sup, real = self.train_step(passes)
+        if not math.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.status = "diverged"
+            raise TrainingDiverged(
+                f"loss is {loss} at step {self.state.step + 1}; stopped. The last good checkpoint is kept "
+                f"in {self.ckpt_root}. Try a lower train.lr."
+            )
+        lr = self.scheduler.get_last_lr()[0]
+        gnorm = self._optimizer_step()
+        dt = time.perf_counter() - t0
+        s = self.state
+        s.step += 1
+        s.tokens += real
+        s.supervised += n_sup
+        s.train_time += dt
+        s.last_loss = loss
+        return StepResult(loss, n_sup, real, lr, gnorm, dt, passes)
+
+    # -- checkpoints and eval -------------------------------------------------------------------------
     def save(self) -> Path:
         return save_checkpoint(
             self.ckpt_root,
@@ -176,112 +180,51 @@ class Trainer:
         self.log(f"resumed from {ckpts[-1]} (step {self.state.step}, epoch {self.state.epoch})")
         return True
 
-    # -- eval -----------------------------------------------------------------------------------------
     def run_eval(self) -> dict:
         if not self.eval_examples:
             return {}
-        bs = self.cfg.eval_batch_size or self.cfg.batch_size
-        return evaluate(self.model, self.eval_examples, self.task, bs, self.pad_id, self.cfg.loss_chunk_size)
-
-    def _eval_and_maybe_stop(self, metrics: MetricsLog) -> bool:
-        res = self.run_eval()
-        if not res:
-            return False
-        self.state.last_eval = res
-        metrics.write({"step": self.state.step, **res})
-        self.log(f"step {self.state.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in res.items()))
-        if self.state.best_eval is None or res["eval_loss"] < self.state.best_eval:
-            self.state.best_eval, self.state.bad_evals = res["eval_loss"], 0
-            return False
-        self.state.bad_evals += 1
-        patience = self.cfg.early_stopping_patience
-        return bool(patience and self.state.bad_evals >= patience)
+        return eval_loss(
+            self.objective, self.eval_examples, self.cfg.eval_batch_size or self.cfg.batch_size, self.pad_id
+        )
 
     # -- the loop -------------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> LoopState:
-        c = self.cfg
-        retained = False  # see train/memory.py
-        if c.malloc_mmap_threshold:
-            set_malloc_mmap_threshold(c.malloc_mmap_threshold)
-        elif c.malloc_retain:
-            retained = retain_freed_memory()
         resumed = self.resume() if resume else False
-        metrics = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=self.state.step if resumed else None)
-        self.model.train()
-        stream = self._micro_batches()
-        progress = Progress(self.total_steps, enabled=c.progress)
-        progress.start(self.state.step)
-        step_start = None
+        self.metrics = MetricsLog(
+            self.run_dir / "metrics.jsonl", resume_step=self.state.step if resumed else None
+        )
+        with patches.applied(self.model, self.perf):
+            self._loop()
+        return self.state
+
+    def _loop(self) -> None:
+        callbacks = self.callbacks or []
+        for cb in callbacks:
+            cb.on_fit_start(self)
+        self.objective.train()
+        start = None  # where the running step began: an interrupt rewinds there, so resume replays it whole
         try:
-            while self.state.step < self.total_steps:
-                t0 = time.perf_counter()
-                # Where this step starts: an interrupt mid-step rewinds here, so resume replays the whole step.
-                step_start = (self.state.epoch, self.state.batch_idx, torch.get_rng_state())
-                micro = [
-                    self.collate([self.train_examples[i] for i in part])
-                    for _ in range(c.grad_accum)
-                    for part in self.split_by_tokens(next(stream))
-                ]
-                loss, n_sup, real = self.train_step(micro)
-                if not math.isfinite(loss):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.state.status = "diverged"
-                    raise TrainingDiverged(
-                        f"loss is {loss} at step {self.state.step + 1}; stopped. The last good checkpoint is kept "
-                        f"in {self.ckpt_root}. Try a lower train.lr."
-                    )
-                lr = self.scheduler.get_last_lr()[0]
-                gnorm = self._optimizer_step()
-                s = self.state
-                s.step += 1
-                step_start = None
-                dt = time.perf_counter() - t0
-                s.tokens += real
-                s.supervised += n_sup
-                s.train_time += dt
-                s.last_loss = loss
-                tps = real / dt if dt > 0 else 0.0
-                if s.step % c.log_every == 0 or s.step == self.total_steps:
-                    metrics.write(
-                        {
-                            "step": s.step,
-                            "loss": loss,
-                            "lr": lr,
-                            "tokens_per_s": tps,
-                            "grad_norm": gnorm,
-                            "epoch": s.epoch + s.batch_idx / max(1, self.batches_per_epoch),
-                        }
-                    )
-                progress.update(s.step, loss=loss, lr=lr, tps=tps)
-                stop = False
-                if c.eval_every and s.step % c.eval_every == 0 and s.step < self.total_steps:
-                    stop = self._eval_and_maybe_stop(metrics)
-                if c.save_every and s.step % c.save_every == 0:
-                    self.save()
-                if stop:
-                    self.log(
-                        f"early stopping at step {s.step}: no eval improvement in {c.early_stopping_patience} evals"
-                    )
-                    s.status = "early-stopped"
-                    break
-            if self.state.status == "running":
-                self._eval_and_maybe_stop(metrics)
+            while self.state.step < self.total_steps and not self.should_stop:
+                start = (self.state.epoch, self.state.batch_idx, torch.get_rng_state())
+                result = self.step()
+                start = None
+                for cb in callbacks:
+                    cb.on_step_end(self, result)
+            if self.should_stop:
+                self.state.status = "early-stopped"
+            else:
+                for cb in callbacks:
+                    cb.on_train_end(self)
                 self.state.status = "completed"
         except KeyboardInterrupt:
             self.optimizer.zero_grad(set_to_none=True)
-            if step_start is not None:
-                self.state.epoch, self.state.batch_idx, rng = step_start
+            if start is not None:
+                self.state.epoch, self.state.batch_idx, rng = start
                 torch.set_rng_state(rng)
             self.state.status = "interrupted"
-            path = self.save()
-            self.log(
-                f"interrupted: checkpoint saved to {path}; continue with `sftlab train <config> --resume`"
-            )
+            for cb in callbacks:
+                cb.on_interrupt(self)
             raise
         finally:
-            progress.stop()
-            if retained:  # the process goes on (notebooks, sweeps): let the heap shrink again
-                release_retained_memory()
-            if (self.run_dir / "metrics.jsonl").exists():
-                plot_loss(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
-        return self.state
+            for cb in callbacks:
+                cb.on_fit_end(self)

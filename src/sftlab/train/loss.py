@@ -1,28 +1,19 @@
-"""Loss on supervised positions only.
+"""The fused LM head + cross-entropy: the causal-LM loss on supervised rows, never a [tokens x vocab] tensor.
 
-For causal LMs the LM head runs only where labels != -100, in chunks, so no [tokens x vocab] tensor is ever
-built (not for prompt or pad positions, and not for all supervised ones at once either); a plain Linear head
-gets a fused head + cross-entropy whose gradients come out of the forward pass. Every method keeps
-`model.base_model(...)` aligned with `input_ids` (methods that prepend virtual tokens strip them from the base
-model's output), so this one function serves all methods. Returns the *sum* of token losses and the token count, so the loop
-can normalise per supervised token across a whole accumulated batch.
+The objective (`objective.py`) hands it the hidden states of the supervised positions only; here they are scored
+in chunks, and a plain Linear head's gradients come out of the forward pass. Returns the *sum* of token losses.
 """
 
 from __future__ import annotations
 
-import inspect
 import threading
 import weakref
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .. import gemm
-from . import rope, tail, varlen
 
-IGNORE = -100
 # (512, 32000) fp32 logits = 66 MB, in one buffer kept per head weight (below). The head GEMM runs faster on
 # more rows (B1 forward ~120 -> ~155 GFLOP/s from 256 to 512); 1024 transient chunks cost ~1 GB of peak RSS.
 DEFAULT_CHUNK = 512
@@ -65,11 +56,6 @@ def _logits_into(
     if bias is None:
         return torch.mm(hc, weight.t(), out=out)
     return torch.addmm(bias, hc, weight.t(), out=out)
-
-
-def _head_ce_sum(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    logits = head(h).float()  # (n, V)
-    return F.cross_entropy(logits, y, reduction="sum")
 
 
 # Below this probability -log(p) loses digits to fp32 underflow; such rows are rescored exactly (rare).
@@ -179,119 +165,3 @@ def linear_cross_entropy_sum(
         grad_on and bias is not None and bias.requires_grad,
     )
     return _LinearCrossEntropy.apply(h, weight, bias, y, chunk_size, need)
-
-
-def _fusable(head: nn.Module) -> bool:
-    """Only a plain Linear head: a wrapped head (LoRA on lm_head, modules_to_save) runs its own forward."""
-    return type(head) is nn.Linear
-
-
-def _takes_kwargs(module: nn.Module) -> bool:
-    return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(module.forward).parameters.values())
-
-
-def _packed_row(batch: dict) -> bool:
-    return "position_ids" in batch and "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
-
-
-def causal_lm_loss(
-    model: nn.Module,
-    batch: dict,
-    chunk_size: int = DEFAULT_CHUNK,
-    fused: bool = True,
-    varlen_attn: bool = True,
-    trim_last_mlp: bool = True,
-    fused_rope: bool = True,
-) -> tuple[torch.Tensor, int]:
-    """fused: fused head + cross-entropy (else checkpointed chunks); varlen_attn: packed rows attend per example;
-    trim_last_mlp: the last block's MLP only on positions the loss reads (tail.py); fused_rope: rope.py."""
-    labels = batch["labels"]  # (B, T)
-    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-    body = model.base_model
-    if varlen_attn and _packed_row(batch) and getattr(model.config, "_attn_implementation", None) == "sdpa":
-        if _takes_kwargs(body):  # per-example attention on the packed row (see varlen.py)
-            varlen.install()
-            inputs[varlen.KWARG] = varlen.segments_from_positions(batch["position_ids"])
-    target = labels[:, 1:]
-    mask = target != IGNORE  # (B, T-1)
-    read = F.pad(mask, (0, 1))  # (B, T): hidden position t is read when label t+1 is supervised
-    # No KV cache in training: transformers isolates packed rows (position_ids restarting) only without one.
-    checkpointed = tail.checkpointed(body)
-    with (
-        tail.supervised_only(body, read, trim_last_mlp and not checkpointed),
-        rope.fused_rope(body, fused_rope and not checkpointed),
-    ):
-        hidden = body(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
-    h = hidden[:, :-1][mask]  # (N, H)
-    y = target[mask]  # (N,)
-    n = int(y.numel())
-    head = model.get_output_embeddings()
-    if n == 0:
-        return hidden.sum() * 0.0, 0
-    if fused and _fusable(head):
-        return linear_cross_entropy_sum(h, head.weight, head.bias, y, chunk_size), n
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, n, chunk_size):
-        hs, ys = h[start : start + chunk_size], y[start : start + chunk_size]
-        if torch.is_grad_enabled() and n > chunk_size:
-            # Recompute the chunk's logits in backward instead of keeping them alive.
-            total = total + checkpoint(_head_ce_sum, head, hs, ys, use_reentrant=False)
-        else:
-            total = total + _head_ce_sum(head, hs, ys)
-    return total, n
-
-
-def naive_causal_lm_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
-    """Reference: full logits over every position (what HF models do with labels=)."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs).logits.float()
-    labels = batch["labels"]
-    logits, target = logits[:, :-1], labels[:, 1:]
-    n = int((target != IGNORE).sum())
-    loss = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=IGNORE, reduction="sum"
-    )
-    return loss, n
-
-
-def seq2seq_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
-    labels = batch["labels"]  # (B, T_out), -100 on pad
-    out = model(**{k: v for k, v in batch.items() if k != "labels"}, labels=labels)
-    logits = out.logits.float()
-    n = int((labels != IGNORE).sum())
-    loss = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
-    )
-    return loss, n
-
-
-def seq_cls_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, int]:
-    labels = batch["labels"]  # (B,)
-    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
-    return F.cross_entropy(logits, labels, reduction="sum"), int(labels.numel())
-
-
-def compute_loss(
-    model: nn.Module, batch: dict, task: str, chunk_size: int = DEFAULT_CHUNK, **levers: bool
-) -> tuple[torch.Tensor, int]:
-    """(sum of per-token losses, number of supervised tokens) for one micro-batch.
-
-    levers: the speed switches of `causal_lm_loss` (fused, varlen_attn, trim_last_mlp, fused_rope), all on unless given.
-    """
-    if task == "causal-lm":
-        return causal_lm_loss(model, batch, chunk_size, **levers)
-    if task == "seq2seq":
-        return seq2seq_loss(model, batch)
-    if task == "seq-cls":
-        return seq_cls_loss(model, batch)
-    raise ValueError(f"unknown task {task!r}")
-
-
-def count_supervised(batch: dict, task: str) -> int:
-    """Supervised targets in a micro-batch, known before any forward (for per-token normalisation)."""
-    labels = batch["labels"]
-    if task == "causal-lm":
-        return int((labels[:, 1:] != IGNORE).sum())
-    if task == "seq2seq":
-        return int((labels != IGNORE).sum())
-    return int(labels.numel())

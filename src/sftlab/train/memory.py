@@ -14,14 +14,19 @@ The default (`train.malloc_retain`) goes the other way: never trim the heap and 
 32 MB ceiling, so after the first step every activation (and the 33 MB logit chunk) reuses pages already
 mapped. With glibc's dynamic thresholds the heap top is trimmed and re-faulted step after step: B1 measured
 9-38 thousand minor faults and 0.05-0.17 s of system time per step; retained, ~1,100 faults and 0.03 s, for
-+30 MB peak RSS. When `fit` ends, `release_retained_memory` lets the heap shrink again (the process may go on).
++30 MB peak RSS.
+
+Both modes are entered through `malloc_mode` (held by `train/patches.applied` for the length of a fit) and undone
+by `restore_malloc` when it ends, since the process may go on (notebooks, sweeps, the test suite).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import sys
+from collections.abc import Iterator
 
 M_TRIM_THRESHOLD = -1
 M_TOP_PAD = -2
@@ -29,6 +34,7 @@ M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's ceiling for the mmap threshold on 64-bit
 DEFAULT_MMAP_THRESHOLD = 256 * 1024
 GLIBC_TRIM_THRESHOLD = 128 * 1024  # glibc's own default
+GLIBC_TOP_PAD = 128 * 1024  # glibc's own default
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -63,10 +69,31 @@ def retain_freed_memory() -> bool:
     )
 
 
-def release_retained_memory() -> bool:
-    """After training: trim the heap again (glibc's default threshold) and hand back what is free now."""
+def restore_malloc() -> bool:
+    """Undo either mode: glibc's default trim threshold and top pad, and the mmap threshold at the 32 MB ceiling
+    glibc's dynamic threshold climbs to under torch's big blocks (glibc cannot switch the dynamic growth back on
+    once a threshold was set); then hand back what is free now."""
     libc = _libc()
     if libc is None:
         return False
-    ok = libc.mallopt(M_TRIM_THRESHOLD, GLIBC_TRIM_THRESHOLD) == 1
+    ok = (
+        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) == 1
+        and libc.mallopt(M_TRIM_THRESHOLD, GLIBC_TRIM_THRESHOLD) == 1
+        and libc.mallopt(M_TOP_PAD, GLIBC_TOP_PAD) == 1
+    )
     return ok and libc.malloc_trim(0) in (0, 1)
+
+
+@contextlib.contextmanager
+def malloc_mode(mmap_threshold: int | None, retain: bool) -> Iterator[bool]:
+    """Low-memory mode (a threshold), retain mode, or neither, for the block; restored after. Yields whether glibc
+    took the setting."""
+    if mmap_threshold:
+        changed = set_malloc_mmap_threshold(mmap_threshold)
+    else:
+        changed = retain_freed_memory() if retain else False
+    try:
+        yield changed
+    finally:
+        if changed:
+            restore_malloc()

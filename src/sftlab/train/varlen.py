@@ -4,19 +4,23 @@ A padding-free row holds k examples of lengths T_1..T_k. transformers isolates t
 mask over the whole row, so sdpa does (sum T_i)^2 work (measured: ~40% of a B1 step at 8 examples per row) and
 cannot use its causal fast path. Here each example's slice runs causal sdpa on its own: sum T_i^2 work, no mask.
 
-How it is wired: the "sdpa" entry of transformers' attention registry is wrapped once; the wrapper is a
-pass-through unless the call carries `sftlab_segments` (a tuple of row offsets), which `train/loss.py` passes
-to the backbone for packed batches only. Models whose attention does not forward **kwargs never see it and
+How it is wired: while `registered()` is held (by `train/patches.applied`, for a fit), the "sdpa" entry of
+transformers' attention registry is wrapped; the wrapper is a pass-through unless the call carries
+`sftlab_segments` (a tuple of row offsets), which the objective (`train/objective.py`) passes to the backbone for
+packed batches only. On exit the original entry is put back. Models whose attention does not forward **kwargs never see it and
 keep the masked (equally correct, slower) path.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 
 KWARG = "sftlab_segments"
-_installed = False
+_installed = False  # inside `registered()`
 
 
 def segments_from_positions(position_ids: torch.Tensor) -> tuple[int, ...]:
@@ -48,10 +52,17 @@ def _varlen_sdpa(module, query, key, value, segments, dropout=0.0, scaling=None)
     return torch.cat(outs, dim=1), None
 
 
-def install() -> None:
-    """Wrap the registry's "sdpa" function (idempotent); without the kwarg it calls the original unchanged."""
+def is_registered() -> bool:
+    """Whether the wrapper is in the registry now (callers pass KWARG only then)."""
+    return _installed
+
+
+@contextlib.contextmanager
+def registered() -> Iterator[None]:
+    """For the block: the registry's "sdpa" function also takes KWARG; without it, the original runs unchanged."""
     global _installed
-    if _installed:
+    if _installed:  # nested: the outer block owns the entry
+        yield
         return
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -67,3 +78,8 @@ def install() -> None:
 
     ALL_ATTENTION_FUNCTIONS.register("sdpa", sdpa_or_varlen)
     _installed = True
+    try:
+        yield
+    finally:
+        ALL_ATTENTION_FUNCTIONS.register("sdpa", original)
+        _installed = False

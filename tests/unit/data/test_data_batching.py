@@ -6,10 +6,10 @@ import random
 
 import pytest
 import torch
+from helpers import compute_loss
 
 from sftlab.data import collate, collate_packed, epoch_batches, token_budget_batches
 from sftlab.models import build_tiny
-from sftlab.train.loss import compute_loss
 
 IGN = -100
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import with_lora
+from helpers import compute_loss, with_lora
 
 from sftlab.data import collate, collate_packed, token_budget_batches
 from sftlab.methods import MethodContext, get_method
 from sftlab.models import build_tiny
 from sftlab.train import varlen
-from sftlab.train.loss import compute_loss
 from sftlab.train.packing import packed_rows_isolated, resolve_packing
 
 IGN = -100
@@ -33,8 +32,7 @@ def test_packed_hidden_states_equal_separate(name):
     batch = collate_packed(exs)
     seg = varlen.segments_from_positions(batch["position_ids"])
     assert seg == (0, 7, 19, 23, 42, 43)
-    varlen.install()
-    with torch.no_grad():
+    with torch.no_grad(), varlen.registered():
         common = dict(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
         per_ex = model.base_model(**common, **{varlen.KWARG: seg}).last_hidden_state  # (1, 43, H)
         masked = model.base_model(**common).last_hidden_state

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import causal_lm_with_method, make_config
+from helpers import causal_lm_with_method, compute_loss, make_config
 
 from sftlab import gemm
 from sftlab.recipe import prepare
 from sftlab.train import loss as loss_mod
 from sftlab.train.loop import Trainer
-from sftlab.train.loss import compute_loss, linear_cross_entropy_sum
+from sftlab.train.loss import linear_cross_entropy_sum
 
 pytestmark = pytest.mark.skipif(not gemm.available(), reason="this torch build has no oneDNN linear")
 
@@ -88,9 +88,8 @@ def _batch():
 
 def _loss_and_grads(model, dnn: bool):
     model.zero_grad(set_to_none=True)
-    with gemm.enabled(dnn), gemm.linears(model, dnn):
-        loss, _ = compute_loss(model, _batch(), "causal-lm")
-        loss.backward()
+    loss, _ = compute_loss(model, _batch(), "causal-lm", onednn_gemm=dnn)  # backward keeps forward's choice
+    loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -149,11 +148,11 @@ def test_fused_loss_chunks_under_the_heap_ceiling_with_onednn(monkeypatch, calls
 @pytest.mark.parametrize("on", [True, False])
 def test_trainer_switch(tmp_path, on, calls):
     cfg = make_config(
-        tmp_path, "tiny-llama", method={"name": "lora"}, train={"max_steps": 2, "onednn_gemm": on}
+        tmp_path, "tiny-llama", method={"name": "lora"}, train={"max_steps": 2}, perf={"onednn_gemm": on}
     )
     model, _tok, data, _ = prepare(cfg, log=lambda *_: None)
     t = Trainer(model=model, cfg=cfg.train, task="causal-lm", train_examples=data.examples, pad_id=0,
-                run_dir=tmp_path, log=lambda *_: None)  # fmt: skip
+                run_dir=tmp_path, log=lambda *_: None, perf=cfg.perf)  # fmt: skip
     t.fit()
     assert (len(calls) > 0) is on
     assert not gemm.active()

@@ -6,9 +6,9 @@ from helpers import make_config
 from safetensors.torch import load_file
 
 from sftlab.recipe import prepare, train
-from sftlab.train import loop as loop_mod
 from sftlab.train.checkpoint import list_checkpoints
 from sftlab.train.loop import Trainer
+from sftlab.train.objective import Objective
 
 
 def _weights(model):
@@ -83,15 +83,15 @@ def test_resume_is_bit_identical(tmp_path, model_name, monkeypatch):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     cfg = make_config(tmp_path, "tiny-llama", train={"max_steps": 6, "save_every": 1, "keep_last": 3})
-    real = loop_mod.compute_loss
+    real = Objective.forward
     calls = {"n": 0}
 
-    def poisoned(model, batch, task, chunk):
+    def poisoned(self, batch):
         calls["n"] += 1
-        loss, n = real(model, batch, task, chunk)
-        return (loss * float("nan"), n) if calls["n"] == 4 else (loss, n)
+        out = real(self, batch)
+        return out._replace(loss=out.loss * float("nan")) if calls["n"] == 4 else out
 
-    monkeypatch.setattr(loop_mod, "compute_loss", poisoned)
+    monkeypatch.setattr(Objective, "forward", poisoned)
     summary = train(cfg)
     assert summary["status"] == "diverged" and "loss is nan" in summary["error"]
     assert [p.name for p in list_checkpoints(tmp_path / "run" / "checkpoints")] == [

@@ -8,24 +8,18 @@ from helpers import make_config
 
 from sftlab.recipe import prepare
 from sftlab.train.loop import Trainer
-from sftlab.train.memory import set_malloc_mmap_threshold
 
 
 def _trained(tmp_path, cap, packing):
     cfg = make_config(
         tmp_path,
         "tiny-llama",
-        train={
-            "max_steps": 3,
-            "batch_size": 8,
-            "micro_batch_tokens": cap,
-            "packing": packing,
-            "progress": False,
-        },
+        train={"max_steps": 3, "batch_size": 8, "progress": False},
+        perf={"micro_batch_tokens": cap, "packing": packing},
     )
     model, _, data, _ = prepare(cfg, log=lambda *_: None)
     t = Trainer(model=model, cfg=cfg.train, task="causal-lm", train_examples=data.examples, pad_id=0,
-                run_dir=tmp_path, log=lambda *_: None)  # fmt: skip
+                run_dir=tmp_path, log=lambda *_: None, perf=cfg.perf)  # fmt: skip
     t.fit()
     return t, {n: p.detach().clone() for n, p in model.named_parameters()}
 
@@ -36,23 +30,16 @@ def test_split_passes_train_to_the_same_weights(tmp_path, packing):
     cap = 60
     split, w_split = _trained(tmp_path / "split", cap, packing)
     idx = list(range(8))
-    parts = split.split_by_tokens(idx)
+    parts = split.stream.split_by_tokens(idx)
     assert len(parts) > 1 and [i for p in parts for i in p] == idx  # really split, order kept
     for p in parts:
-        lens = [split.lengths[i] for i in p]
+        lens = [split.stream.lengths[i] for i in p]
         cost = sum(lens) if packing else max(lens) * len(lens)
         assert cost <= cap or len(p) == 1
-    assert whole.split_by_tokens(idx) == [idx]
+    assert whole.stream.split_by_tokens(idx) == [idx]
     assert split.state.last_loss == pytest.approx(whole.state.last_loss, rel=1e-5)
     for n, w in w_whole.items():
         torch.testing.assert_close(w_split[n], w, rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
-def test_malloc_settings_accepted():
-    assert set_malloc_mmap_threshold(
-        32 * 1024 * 1024
-    )  # glibc's own maximum default: harmless for the test process
 
 
 _FAULTS_SCRIPT = """
@@ -88,24 +75,38 @@ def test_retained_memory_is_reused_without_page_faults():
     assert retained < 0.4 * default, f"minor faults: {retained} retained vs {default} with glibc's defaults"
 
 
-_RELEASE_SCRIPT = """
-import torch
-from sftlab.train.memory import release_retained_memory, retain_freed_memory
+_MODE_SCRIPT = """
+import sys, torch
+from sftlab.train.memory import malloc_mode
 def rss_mb():
     return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
-assert retain_freed_memory()
-blocks = [torch.ones(k * 256 * 1024) for k in range(1, 21)]  # 210 MB, then freed: retained in the heap
-del blocks
-kept = rss_mb()
-assert release_retained_memory()
-print(kept, rss_mb())
+threshold = 262144 if sys.argv[1] == "low" else None
+base = rss_mb()
+with malloc_mode(threshold, retain=sys.argv[1] == "retain") as changed:
+    assert changed
+    blocks = [torch.ones(k * 256 * 1024 + 7) for k in range(1, 21)]  # 210 MB of 1-20 MB blocks, then freed
+    del blocks
+    inside = rss_mb()
+print(base, inside, rss_mb())
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
-def test_release_after_training_gives_the_retained_memory_back():
+@pytest.mark.parametrize("mode", ["low", "retain"])
+def test_malloc_modes_act_and_are_undone(mode):
+    """Low-memory mode hands freed activations back at once; retain mode keeps them mapped while it is held and
+    gives them back when it ends (`restore_malloc`). Each mode in a fresh process: malloc settings are
+    process-wide, and this test process must keep glibc's own."""
     import subprocess
 
-    out = subprocess.run([sys.executable, "-c", _RELEASE_SCRIPT], capture_output=True, text=True, check=True)
-    kept, released = (float(x) for x in out.stdout.split())
-    assert released < kept - 150, f"RSS {kept:.0f} MB retained -> {released:.0f} MB after release"
+    out = subprocess.run(
+        [sys.executable, "-c", _MODE_SCRIPT, mode], capture_output=True, text=True, check=True
+    )
+    base, inside, after = (float(x) for x in out.stdout.split())
+    if mode == "low":
+        assert inside < base + 50, (
+            f"RSS {base:.0f} -> {inside:.0f} MB right after freeing 210 MB in low-memory mode"
+        )
+    else:
+        assert inside > base + 150, f"RSS {base:.0f} -> {inside:.0f} MB: the freed 210 MB were not retained"
+        assert after < inside - 150, f"RSS {inside:.0f} MB retained -> {after:.0f} MB after the mode ended"

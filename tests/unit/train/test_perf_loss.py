@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import causal_lm_with_method
+from helpers import causal_lm_with_method, compute_loss, naive_causal_lm_loss
 
 from sftlab.data import collate
 from sftlab.train import loss as loss_mod
-from sftlab.train.loss import compute_loss, linear_cross_entropy_sum, naive_causal_lm_loss
+from sftlab.train.loss import linear_cross_entropy_sum
 
 IGN = -100
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import causal_lm_with_method
+from helpers import causal_lm_with_method, compute_loss, patched
 
 from sftlab.data import collate
 from sftlab.data.batching import collate_packed
 from sftlab.models import enable_activation_checkpointing
 from sftlab.train import tail
-from sftlab.train.loss import compute_loss
 
 IGN = -100
 
@@ -30,8 +29,9 @@ def _run(model, batch, trim: bool):
     handle = first.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
     model.zero_grad(set_to_none=True)
     try:
-        loss, n = compute_loss(model, batch, "causal-lm", 8, trim_last_mlp=trim)
-        loss.backward()
+        with patched(model):  # backward too: under activation checkpointing it re-runs the forward
+            loss, n = compute_loss(model, batch, "causal-lm", 8, trim_last_mlp=trim)
+            loss.backward()
     finally:
         handle.remove()
     grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}

@@ -1,0 +1,140 @@
+"""The training objective as one module: body + head + loss behind a single `forward(batch)`.
+
+Why one module: wrappers (DDP, FSDP, hooks) only see what runs inside a module's forward. The causal-LM loss
+reads the backbone's hidden states and scores the LM head on supervised rows only (never a [tokens x vocab]
+tensor), so it must call the body and the head itself; doing that inside `Objective.forward` keeps it wrappable.
+Training and evaluation both call it, so they score exactly alike.
+
+It returns *sums* and counts, not a mean: the loop normalises per supervised token across a whole accumulated
+batch (DESIGN.md), and evaluation per token across the eval set. Every method keeps `model.base_model(...)`
+aligned with `input_ids` (methods that prepend virtual tokens strip them from the output), so one causal path
+serves all of them. The process-wide levers (varlen attention, fused RoPE, oneDNN GEMMs) are applied around it
+by `train/patches.applied`; the per-forward ones (fused head + CE, the trimmed last MLP) are its own.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import PerfConfig
+from ..data.batching import IGNORE
+from . import tail, varlen
+from .loss import linear_cross_entropy_sum
+
+TASKS = ("causal-lm", "seq2seq", "seq-cls")
+_INPUTS = ("input_ids", "attention_mask", "position_ids")
+
+
+class LossSums(NamedTuple):
+    loss: torch.Tensor  # sum of per-target losses, fp32 scalar
+    count: int  # supervised targets (tokens, or rows for seq-cls)
+    correct: int | None = None  # seq-cls: rows whose argmax is the label
+
+
+def count_supervised(batch: dict, task: str) -> int:
+    """Supervised targets in a micro-batch, known before any forward (for per-token normalisation)."""
+    labels = batch["labels"]
+    if task == "causal-lm":
+        return int((labels[:, 1:] != IGNORE).sum())
+    if task == "seq2seq":
+        return int((labels != IGNORE).sum())
+    return int(labels.numel())
+
+
+def _head_ce_sum(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    logits = head(h).float()  # (n, V)
+    return F.cross_entropy(logits, y, reduction="sum")
+
+
+def _fusable(head: nn.Module) -> bool:
+    """Only a plain Linear head: a wrapped head (LoRA on lm_head, modules_to_save) runs its own forward."""
+    return type(head) is nn.Linear
+
+
+def _takes_kwargs(module: nn.Module) -> bool:
+    return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(module.forward).parameters.values())
+
+
+def _packed_row(batch: dict) -> bool:
+    return "position_ids" in batch and "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
+
+
+class Objective(nn.Module):
+    """`forward(batch) -> LossSums` for a model of one task kind, with the speed levers of `perf`."""
+
+    def __init__(self, model: nn.Module, task: str, perf: PerfConfig | None = None):
+        super().__init__()
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
+        self.model = model
+        self.task = task
+        self.perf = perf or PerfConfig()
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> LossSums:
+        if self.task == "causal-lm":
+            return self._causal_lm(batch)
+        if self.task == "seq2seq":
+            return self._seq2seq(batch)
+        return self._seq_cls(batch)
+
+    def _causal_lm(self, batch: dict[str, torch.Tensor]) -> LossSums:
+        perf, model = self.perf, self.model
+        labels = batch["labels"]  # (B, T)
+        inputs = {k: v for k, v in batch.items() if k in _INPUTS}
+        body = model.base_model
+        sdpa = getattr(model.config, "_attn_implementation", None) == "sdpa"
+        if (
+            perf.varlen_attention
+            and varlen.is_registered()
+            and sdpa
+            and _packed_row(batch)
+            and _takes_kwargs(body)
+        ):
+            inputs[varlen.KWARG] = varlen.segments_from_positions(
+                batch["position_ids"]
+            )  # per-example attention
+        target = labels[:, 1:]
+        mask = target != IGNORE  # (B, T-1)
+        read = F.pad(mask, (0, 1))  # (B, T): hidden position t is read when label t+1 is supervised
+        trim = perf.trim_last_mlp and not tail.checkpointed(body)
+        # No KV cache in training: transformers isolates packed rows (position_ids restarting) only without one.
+        with tail.supervised_only(body, read, trim):
+            hidden = body(**inputs, use_cache=False).last_hidden_state  # (B, T, H)
+        h = hidden[:, :-1][mask]  # (N, H)
+        y = target[mask]  # (N,)
+        n = int(y.numel())
+        if n == 0:
+            return LossSums(hidden.sum() * 0.0, 0)
+        head = model.get_output_embeddings()
+        chunk = perf.loss_chunk_size
+        if perf.fused_loss and _fusable(head):
+            return LossSums(linear_cross_entropy_sum(h, head.weight, head.bias, y, chunk), n)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, n, chunk):
+            hs, ys = h[start : start + chunk], y[start : start + chunk]
+            if torch.is_grad_enabled() and n > chunk:
+                # Recompute the chunk's logits in backward instead of keeping them alive.
+                total = total + checkpoint(_head_ce_sum, head, hs, ys, use_reentrant=False)
+            else:
+                total = total + _head_ce_sum(head, hs, ys)
+        return LossSums(total, n)
+
+    def _seq2seq(self, batch: dict[str, torch.Tensor]) -> LossSums:
+        labels = batch["labels"]  # (B, T_out), IGNORE on pad
+        logits = self.model(**{k: v for k, v in batch.items() if k != "labels"}, labels=labels).logits.float()
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+        )
+        return LossSums(loss, int((labels != IGNORE).sum()))
+
+    def _seq_cls(self, batch: dict[str, torch.Tensor]) -> LossSums:
+        labels = batch["labels"]  # (B,)
+        logits = self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()  # (B, C)
+        correct = int((logits.argmax(-1) == labels).sum())
+        return LossSums(F.cross_entropy(logits, labels, reduction="sum"), int(labels.numel()), correct)
