@@ -7,6 +7,7 @@ import pytest
 
 import sftlab.quickstart.pipeline as pipeline
 from sftlab.cli.main import main
+from sftlab.methods import get_method
 from sftlab.models import load_tokenizer
 from sftlab.quickstart.demo_model import DEMO_DIRNAME, cache_root, is_complete
 from sftlab.quickstart.pipeline import (
@@ -20,7 +21,7 @@ from sftlab.quickstart.pipeline import (
     resolve_model,
     run_quickstart,
 )
-from sftlab.quickstart.task import evaluate, make_splits, prompt_and_reference
+from sftlab.quickstart.task import make_splits, prompt_and_reference
 from sftlab.runs import load_run
 
 TINY = dict(model="tiny-llama", steps=2, n_train=8, n_eval=4, progress=False, threads=1)
@@ -56,16 +57,35 @@ def test_metrics_come_from_the_scorer_on_the_saved_adapter(tiny_run):
     _, eval_recs = make_splits(8, 4, seed=0)
     refs = [prompt_and_reference(r)[1] for r in eval_recs]
     assert [r["reference"] for r in rows] == refs
-    for side in ("before", "after"):
-        res = evaluate([r[side] for r in rows], refs)
-        assert report[side]["exact"] == res["exact"] and report[side]["fields"] == res["fields"]
-        assert report[side]["n"] == 4
-    # "after" is the reloaded final adapter: generating again from the run dir gives the same text.
+    assert report["before"]["n"] == report["after"]["n"] == 4
+    prompts = [prompt_and_reference(r)[0] for r in eval_recs]
+    # "after" is the reloaded final adapter: generating again from the run dir gives the same text; "before" is
+    # the bare base model (the adapter's layers switched off) on the same prompts.
     model, tok, cfg = load_run(out)
-    again = pipeline.generate(model, tok, cfg.data, [prompt_and_reference(r)[0] for r in eval_recs],
-                              max_new_tokens=report["max_new_tokens"])  # fmt: skip
+    again = pipeline.generate(model, tok, cfg.data, prompts, max_new_tokens=report["max_new_tokens"])
     assert again == [r["after"] for r in rows]
+    with get_method("lora").route(model, ["__base__"] * len(prompts)):
+        base = pipeline.generate(model, tok, cfg.data, prompts, max_new_tokens=report["max_new_tokens"])
+    assert base == [r["before"] for r in rows]
     assert len(report["examples"]) == 3 and report["examples"][0]["reference"] == refs[0]
+
+
+def test_report_scores_the_generated_text_against_the_references(tmp_path, monkeypatch):
+    """The report's before/after numbers are the scorer's verdict on what was generated: a model that answers
+    every reference exactly scores 1.0, one that answers something else 0.0."""
+    calls = []
+
+    def scripted(model, tok, data_cfg, prompts, max_new_tokens, batch_size=1):
+        calls.append(prompts)
+        _, recs = make_splits(8, 4, seed=0)
+        refs = {prompt_and_reference(r)[0]: prompt_and_reference(r)[1] for r in recs}
+        return ["no idea"] * len(prompts) if len(calls) == 1 else [refs[p] for p in prompts]
+
+    monkeypatch.setattr(pipeline, "generate", scripted)
+    report = run_quickstart(QuickstartOptions(output_dir=str(tmp_path / "run"), **TINY), log=lambda m: None)
+    assert len(calls) == 2
+    assert report["before"]["exact"] == 0.0 and report["after"]["exact"] == 1.0
+    assert report["after"]["fields"] == 1.0 and report["before"]["fields"] < 1.0
 
 
 def test_measure_scores_generations(monkeypatch):
