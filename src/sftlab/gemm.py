@@ -12,8 +12,9 @@ for LoRA's base layer (`methods/lora/layer._LoraLinear`), for plain nn.Linear la
 freeze fine-tuning, `linears()`), and the fused LM head + cross-entropy (`loss.py`). Rank-r thin products and
 weight gradients (dW = dY^T X) stay on torch.mm, where oneDNN measured no faster or slower.
 
-Switch: `train.onednn_gemm` (default on), taken where torch runs AVX-512 kernels (`pays`). `enabled(True)` is
-a context the trainer holds around each step's forward and backward; autograd nodes record the choice at forward, so their backward agrees with it. Off, or
+Switch: `perf.onednn_gemm` (default on), taken where torch runs AVX-512 kernels (`pays`). `enabled(True)` is
+a context `train/patches.applied` holds for a fit (with `linears()`); autograd nodes record the choice at
+forward, so their backward agrees with it. Off, or
 where oneDNN is missing, the CPU has no AVX-512, the tensors are not fp32 on CPU, or the one-time probe fails:
 torch.mm / F.linear, unchanged.
 The choice is process-wide while the context is held.
@@ -62,7 +63,7 @@ def pays() -> bool:
 
 
 def usable() -> bool:
-    """What `train.onednn_gemm: true` turns on here: oneDNN present, exact, and worth it on this CPU."""
+    """What `perf.onednn_gemm: true` turns on here: oneDNN present, exact, and worth it on this CPU."""
     return available() and pays()
 
 

@@ -43,7 +43,7 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
         state.setdefault(int(idx), {})[name] = v
     for idx, kv in meta.get("scalars", {}).items():
         state.setdefault(int(idx), {}).update(kv)
-    # The implementation flags are this run's choice (train.fused_optimizer), not the checkpoint's: load_state_dict
+    # The implementation flags are this run's choice (perf.fused_optimizer), not the checkpoint's: load_state_dict
     # would otherwise bring back whichever kernel wrote the checkpoint.
     impl = ("fused", "foreach", "capturable", "differentiable")
     groups = [

@@ -138,7 +138,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # (66 MB on a 32k vocab, above malloc's mmap ceiling: page-faulted in anew every time). So only once.
         if getattr(ctx, "consumed", False):
             raise RuntimeError(
-                "the fused LM-head loss was backpropagated twice (retain_graph); set train.fused_loss: false"
+                "the fused LM-head loss was backpropagated twice (retain_graph); set perf.fused_loss: false"
             )
         ctx.consumed = True
         saved = iter(ctx.saved_tensors)

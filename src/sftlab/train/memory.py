@@ -10,7 +10,7 @@ activations in anew (1.2M minor faults, 2.7 s of system time per step) and the s
 is off by default; smaller passes (`micro_batch_tokens`) and loss chunks (`loss_chunk_size`) cut the peak
 at no speed cost instead.
 
-The default (`train.malloc_retain`) goes the other way: never trim the heap and fix the mmap threshold at glibc's
+The default (`perf.malloc_retain`) goes the other way: never trim the heap and fix the mmap threshold at glibc's
 32 MB ceiling, so after the first step every activation (and the 33 MB logit chunk) reuses pages already
 mapped. With glibc's dynamic thresholds the heap top is trimmed and re-faulted step after step: B1 measured
 9-38 thousand minor faults and 0.05-0.17 s of system time per step; retained, ~1,100 faults and 0.03 s, for

@@ -50,7 +50,7 @@ def resolve_packing(
     if requested is False or task != "causal-lm":
         if requested and task != "causal-lm":
             raise ValueError(
-                f"train.packing is for causal-lm only (task is {task!r}); set train.packing: false"
+                f"perf.packing is for causal-lm only (task is {task!r}); set perf.packing: false"
             )
         return False
     ok, why = packed_rows_isolated(model, examples)
@@ -58,7 +58,7 @@ def resolve_packing(
         return True
     if requested:
         raise ValueError(
-            f"train.packing: true, but packed rows are not isolated here ({why}); set it to false"
+            f"perf.packing: true, but packed rows are not isolated here ({why}); set it to false"
         )
     log(f"packing off: {why}")
     return False

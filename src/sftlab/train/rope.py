@@ -1,4 +1,4 @@
-"""Rotary position embedding as one autograd node per tensor, swapped into the model's module for the forward.
+"""Rotary position embedding as one autograd node per tensor, swapped into the model's modules while held.
 
 Why: transformers applies RoPE as q·cos + rotate_half(q)·sin, where rotate_half is a neg and a cat: five
 eager kernels and two temporaries per tensor forward, as many again backward, on the (B, H, T, D) query and
@@ -7,8 +7,8 @@ key of every layer. Here it is one multiply and two in-place half-width multiply
 original up to fp32 rounding of a fused multiply-add (a probe checks it).
 
 How: a model family's attention calls the module-level `apply_rotary_pos_emb` of its own modeling file. Inside
-`fused_rope(body)` that global is replaced, for modules whose original passed a one-time probe (same values
-and gradients as ours), and put back afterwards; backward needs no swap (autograd holds our nodes). Not used
+`fused_rope(body)` (held by `train/patches.applied` for a fit) that global is replaced, for modules whose
+original passed a one-time probe (same values and gradients as ours), and put back afterwards. Not used
 under activation checkpointing (recomputation would run the original), nor for calls it does not cover
 (partial rotary dims, other layouts, cos/sin in another dtype than q): those reach the original unchanged.
 The swap is process-wide while it lasts: another thread running the same model family at that moment gets the

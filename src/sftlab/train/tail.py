@@ -1,7 +1,7 @@
 """The last block's MLP runs only on the positions the loss reads.
 
 Why: in a causal LM the last block's output at position t reaches the loss only through the LM head at t, and
-the head runs only where labels[t+1] != -100 (see loss.py). So the last MLP, two thirds of a block's matmuls,
+the head runs only where labels[t+1] != -100 (see objective.py). So the last MLP, two thirds of a block's matmuls,
 can skip every prompt position: on B1 (47% of tokens supervised) half of one block's MLP, forward and backward.
 Skipped positions leave the MLP with zeros (the block's output there is its residual alone): values nobody
 reads, so the loss and every gradient are exactly those of the full computation (tested).
