@@ -18,34 +18,14 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from . import hub
-from .config import RunConfig, dump_config, save_config
+from .config import RunConfig
 from .data import EncodedData
 from .data import load_data as _read_and_encode
 from .methods._targets import count_parameters
 from .models import enable_activation_checkpointing
+from .rundir import check_run_dir, started_run
 from .runs import method_of, save_final
 from .train.loop import Trainer, TrainingDiverged
-
-
-def _setup_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
-    run_dir = Path(cfg.train.output_dir)
-    existing = run_dir / "config.yaml"
-    if existing.exists() and not resume and not overwrite:
-        if (run_dir / "checkpoints").exists() or (run_dir / "final").exists():
-            raise FileExistsError(
-                f"{run_dir} already holds a run; pass --resume to continue it or --overwrite to start over"
-            )
-    if resume and existing.exists() and existing.read_text() != dump_config(cfg):
-        print(f"warning: config differs from the one {run_dir} started with; resuming with the new one")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if overwrite and not resume:
-        import shutil
-
-        for name in ("checkpoints", "final", "metrics.jsonl", "summary.json", "loss.png"):
-            p = run_dir / name
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    return run_dir
 
 
 def physical_cores() -> int:
@@ -132,7 +112,7 @@ def prepare(cfg: RunConfig, log=print):
 def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict:
     """Train per `cfg`; returns the summary (also written to summary.json)."""
     t_start = time.perf_counter()
-    run_dir = _setup_run_dir(cfg, resume, overwrite)
+    check_run_dir(cfg, resume, overwrite)  # refuse before loading anything; nothing is written until fit
     torch.set_num_threads(cfg.train.threads or physical_cores())
     random.seed(cfg.train.seed)
     model, tokenizer, train_data, eval_data = prepare(cfg, log)
@@ -147,37 +127,40 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log=pri
         task=cfg.model.task,
         train_examples=train_data.examples,
         pad_id=tokenizer.pad_token_id,
-        run_dir=run_dir,
+        run_dir=Path(cfg.train.output_dir),
         eval_examples=eval_data.examples if eval_data else None,
         log=log,
         perf=cfg.perf,
     )
+    if resume:
+        trainer.resume()  # a checkpoint that does not fit this config fails here, before config.yaml changes
     error = None
-    try:
-        state = trainer.fit(resume=resume)
-    except TrainingDiverged as e:
-        state, error = trainer.state, str(e)
-        log(f"error: {e}")
-    if state.status in ("completed", "early-stopped"):
-        save_final(model, tokenizer, cfg, run_dir, train_data.label_names)
-    summary = {
-        "status": state.status,
-        "error": error,
-        "steps": state.step,
-        "total_steps": trainer.total_steps,
-        "train_loss": state.last_loss,
-        **state.last_eval,
-        "tokens": state.tokens,
-        "supervised_tokens": state.supervised,
-        "train_time_s": state.train_time,
-        "tokens_per_s": state.tokens / state.train_time if state.train_time else None,
-        "wall_time_s": time.perf_counter() - t_start,
-        "trainable_params": trainable,
-        "total_params": total,
-        "trainable_share": trainable / total,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "data": train_data.stats,
-        "run_dir": str(run_dir),
-    }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    with started_run(cfg, resume, overwrite, log) as run_dir:
+        try:
+            state = trainer.fit(resume=resume)
+        except TrainingDiverged as e:
+            state, error = trainer.state, str(e)
+            log(f"error: {e}")
+        if state.status in ("completed", "early-stopped"):
+            save_final(model, tokenizer, cfg, run_dir, train_data.label_names)
+        summary = {
+            "status": state.status,
+            "error": error,
+            "steps": state.step,
+            "total_steps": trainer.total_steps,
+            "train_loss": state.last_loss,
+            **state.last_eval,
+            "tokens": state.tokens,
+            "supervised_tokens": state.supervised,
+            "train_time_s": state.train_time,
+            "tokens_per_s": state.tokens / state.train_time if state.train_time else None,
+            "wall_time_s": time.perf_counter() - t_start,
+            "trainable_params": trainable,
+            "total_params": total,
+            "trainable_share": trainable / total,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "data": train_data.stats,
+            "run_dir": str(run_dir),
+        }
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -7,6 +7,7 @@ run_dir/checkpoints/step-N/
 run_dir/final/           adapter (PEFT layout where PEFT has the method) or full HF model, plus tokenizer
 run_dir/final/sftlab.json  method, task, base model, label names
 run_dir/summary.json
+run_dir/.sftlab-run.json  the entries sftlab wrote: what --overwrite may delete (rundir.py)
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ LAYERS = [
     ["sftlab.config"],  # the run config (knows the methods' configs)
     ["sftlab.train", "sftlab.generate", "sftlab.quickstart.demo_model"],  # the loop; building the demo model
     ["sftlab.hub"],  # user-facing model names (aliases) -> models
-    ["sftlab.runs"],  # run directories: save final/, load a run
+    ["sftlab.runs", "sftlab.rundir"],  # run directories: save final/, load a run, who owns one
     ["sftlab.eval", "sftlab.recipe"],  # evaluation of a model; the train recipe
     ["sftlab.quickstart"],  # the quickstart pipeline
     ["sftlab.cli"],  # commands

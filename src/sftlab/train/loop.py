@@ -106,6 +106,7 @@ class Trainer:
         if self.callbacks is None:
             self.callbacks = default_callbacks(c)
         self.should_stop = False
+        self.resumed: bool | None = None  # set by resume(): whether a checkpoint was restored
 
     # -- one optimizer step ---------------------------------------------------------------------------
     def train_step(self, passes: list[dict]) -> tuple[float, int, int]:
@@ -173,8 +174,10 @@ class Trainer:
     def resume(self) -> bool:
         ckpts = list_checkpoints(self.ckpt_root)
         if not ckpts:
+            self.resumed = False
             return False
         raw = load_checkpoint(ckpts[-1], self.model, self.optimizer, self.scheduler)
+        self.resumed = True
         self.state = LoopState(**{k: raw[k] for k in LoopState().to_dict() if k in raw})
         self.state.status = "running"
         self.log(f"resumed from {ckpts[-1]} (step {self.state.step}, epoch {self.state.epoch})")
@@ -189,7 +192,11 @@ class Trainer:
 
     # -- the loop -------------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> LoopState:
-        resumed = self.resume() if resume else False
+        """Train to the end; `resume` continues from the latest checkpoint (restored here unless `resume()` already
+        ran, which a caller does to validate the checkpoint before it writes anything)."""
+        if resume and self.resumed is None:
+            self.resume()
+        resumed = bool(self.resumed)
         self.metrics = MetricsLog(
             self.run_dir / "metrics.jsonl", resume_step=self.state.step if resumed else None
         )

@@ -72,9 +72,9 @@ def _run(tmp_path, method: str, **method_kw):
 def test_sftlab_merge_asks_the_method(tmp_path, capsys):
     run_dir = _run(tmp_path / "lora", "lora", r=2)
     out = tmp_path / "merged"
-    assert merge_cli.run(argparse.Namespace(run_dir=str(run_dir), out_dir=str(out))) == 0
+    assert merge_cli.run(argparse.Namespace(run_dir=str(run_dir), out_dir=str(out), force=False)) == 0
     assert isinstance(AutoModelForCausalLM.from_pretrained(out), torch.nn.Module)
 
     run_dir = _run(tmp_path / "adapter", "adapter")
     with pytest.raises(ValueError, match=r"method 'adapter' cannot be merged.*mergeable methods: lora"):
-        merge_cli.run(argparse.Namespace(run_dir=str(run_dir), out_dir=str(tmp_path / "no")))
+        merge_cli.run(argparse.Namespace(run_dir=str(run_dir), out_dir=str(tmp_path / "no"), force=False))
