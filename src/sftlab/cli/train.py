@@ -16,7 +16,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("overrides", nargs="*", help="key=value overrides, values parsed as YAML")
     p.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="discard an existing run in output_dir")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the sftlab run in output_dir (kept aside until the new run writes its first checkpoint)",
+    )
     p.set_defaults(func=run)
 
 
