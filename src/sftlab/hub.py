@@ -26,7 +26,7 @@ def resolve_alias(name: str) -> str:
     first use; other names unchanged."""
     if name != DEMO_MODEL or Path(name).exists():
         return name
-    from .quickstart.demo_model import obtain_demo_model
+    from .demo_model import obtain_demo_model
 
     path = obtain_demo_model(log=log.info)
     if path is None:

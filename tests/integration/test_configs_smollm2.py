@@ -7,8 +7,8 @@ import pytest
 
 from sftlab.cli.main import main
 from sftlab.config import load_config
+from sftlab.demo_model import DEMO_DIRNAME, cache_root, is_complete
 from sftlab.hub import DEMO_MODEL, resolve_alias
-from sftlab.quickstart.demo_model import DEMO_DIRNAME, cache_root, is_complete
 from sftlab.quickstart.pipeline import DEFAULT_LORA, DEFAULT_TRAIN, QuickstartOptions, build_run_config
 from sftlab.quickstart.task import make_splits, write_jsonl
 from sftlab.runs import load_run

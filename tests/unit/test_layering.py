@@ -14,7 +14,7 @@ LAYERS = [
     ["sftlab.strict", "sftlab.gemm"],  # leaves
     ["sftlab.data", "sftlab.methods", "sftlab.models", "sftlab.convert"],  # what a run is made of
     ["sftlab.config"],  # the run config (knows the methods' configs)
-    ["sftlab.train", "sftlab.generate", "sftlab.quickstart.demo_model"],  # the loop; building the demo model
+    ["sftlab.train", "sftlab.generate", "sftlab.demo_model"],  # the loop; building the demo model
     ["sftlab.hub"],  # user-facing model names (aliases) -> models
     ["sftlab.runs", "sftlab.rundir"],  # run directories: save final/, load a run, who owns one
     ["sftlab.eval", "sftlab.recipe"],  # evaluation of a model; the train recipe
@@ -109,3 +109,16 @@ def test_no_import_circles():
     for mod in graph:
         if mod not in state:
             visit(mod, [mod])
+
+
+def test_no_two_top_level_parts_import_each_other():
+    """At package granularity too (sftlab.X and sftlab.Y): one direction only."""
+
+    def top(mod: str) -> str:
+        return ".".join(mod.split(".")[:2])
+
+    arrows = {
+        (top(a), top(b)) for a, bs in _imports().items() for b in bs if top(a) != top(b) and b != "sftlab"
+    }
+    both = sorted(f"{a} <-> {b}" for a, b in arrows if (b, a) in arrows and a < b)
+    assert not both, both

@@ -18,10 +18,10 @@ from typing import Any
 import torch
 
 from ..config import RunConfig, build_config
+from ..demo_model import obtain_demo_model
 from ..generate import generate
 from ..hub import DEMO_MODEL, load_model, load_tokenizer
 from ..runs import load_run
-from .demo_model import obtain_demo_model
 from .task import evaluate, make_splits, prompt_and_reference, score, write_jsonl
 
 Log = Callable[[str], None]

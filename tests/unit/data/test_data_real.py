@@ -54,7 +54,7 @@ def test_real_bpe_tokenizer_with_its_chat_template():
     from transformers import AutoTokenizer
 
     from sftlab.data import encode_dataset
-    from sftlab.quickstart.demo_model import DEMO_DIRNAME, cache_root
+    from sftlab.demo_model import DEMO_DIRNAME, cache_root
 
     d = cache_root() / DEMO_DIRNAME
     if not (d / "tokenizer.json").is_file():

@@ -8,8 +8,8 @@ import zipfile
 
 import pytest
 
-from sftlab.quickstart import demo_model
-from sftlab.quickstart.demo_model import DEMO_DIRNAME, cache_root, obtain_demo_model
+from sftlab import demo_model
+from sftlab.demo_model import DEMO_DIRNAME, cache_root, obtain_demo_model
 
 
 def test_cache_root_order(tmp_path, monkeypatch):

@@ -7,9 +7,9 @@ import pytest
 
 import sftlab.quickstart.pipeline as pipeline
 from sftlab.cli.main import main
+from sftlab.demo_model import DEMO_DIRNAME, cache_root, is_complete
 from sftlab.methods import get_method
 from sftlab.models import load_tokenizer
-from sftlab.quickstart.demo_model import DEMO_DIRNAME, cache_root, is_complete
 from sftlab.quickstart.pipeline import (
     DEFAULT_LORA,
     MARKER,
