@@ -9,12 +9,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
+from .errors import ConfigError
 from .methods import MethodConfigBase, get_method, method_names
 from .strict import StrictModel
-
-
-class ConfigError(ValueError):
-    """A config problem, already phrased for the user (key, bad value, allowed values)."""
 
 
 class ModelConfig(StrictModel):

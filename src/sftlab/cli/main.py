@@ -23,11 +23,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
-    from ..config import ConfigError
+    from ..errors import SftlabError
 
     try:
         return int(args.func(args) or 0)
-    except ConfigError as e:
+    except SftlabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, FileExistsError, ValueError) as e:

@@ -21,11 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import DataError
+
 SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".txt")
-
-
-class DataError(ValueError):
-    """A malformed data file or record, phrased `path:line: field: expected ... (got ...)`."""
 
 
 @dataclass
