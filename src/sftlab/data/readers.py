@@ -208,9 +208,13 @@ def _with_lines(
 
 
 def _read_parquet(f: Path) -> Iterator[RawRecord]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(f)
+    try:
+        table = pq.read_table(f)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{f}: not a readable parquet file ({str(e).splitlines()[0][:120]})") from None
     for i, row in enumerate(table.to_pylist(), start=1):
         yield RawRecord(f"{f}:{i}", row)
 
