@@ -100,7 +100,11 @@ class TrainConfig(StrictModel):
         "make big batches, long ones small, so step time and memory stay even. null: batch_size examples.",
     )
     threads: int | None = Field(None, gt=0, description="torch threads; default: physical cores.")
-    progress: bool = Field(True, description="Show a progress bar.")
+    progress: bool = Field(
+        True,
+        description="Show progress: a bar on a terminal; otherwise (a log, a pipe) a plain line at step 1, "
+        "every max(log_every, 5% of the run) steps, at least every 30 s and at the end. false: neither.",
+    )
 
     @model_validator(mode="after")
     def _length(self):
@@ -337,7 +341,7 @@ def load_config(
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: top level must be a mapping with model/method/data/train")
         source = str(p)
-        data = raw.get("data") or {}
+        data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
         for k in ("train", "eval"):
             v = data.get(k)
             if isinstance(v, str) and not Path(v).exists() and (p.parent / v).exists():
