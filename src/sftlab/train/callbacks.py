@@ -3,6 +3,8 @@ stopping, checkpoints. The loop calls them in order; each reads and writes only 
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -31,13 +33,17 @@ class Callback:
 
 @dataclass
 class MetricsCallback(Callback):
-    """A metrics.jsonl row every `log_every` steps (and the last), the progress bar, loss.png at the end."""
+    """A metrics.jsonl row every `log_every` steps (and the last), progress (a bar on a terminal, plain lines
+    otherwise: progress.py), loss.png at the end."""
 
     log_every: int
     show_progress: bool = True
+    clock: Callable[[], float] = time.monotonic  # for the plain lines' 30 s rule; tests pass a fake
 
     def on_fit_start(self, trainer: Trainer) -> None:
-        self.progress = Progress(trainer.total_steps, enabled=self.show_progress)
+        self.progress = Progress(
+            trainer.total_steps, enabled=self.show_progress, log_every=self.log_every, clock=self.clock
+        )
         self.progress.start(trainer.state.step)
 
     def on_step_end(self, trainer: Trainer, result: StepResult) -> None:
@@ -53,7 +59,7 @@ class MetricsCallback(Callback):
                     "epoch": s.epoch + s.batch_idx / max(1, trainer.batches_per_epoch),
                 }
             )
-        self.progress.update(s.step, loss=result.loss, lr=result.lr, tps=result.tokens_per_s)
+        self.progress.update(s.step, loss=result.loss, lr=result.lr, tokens=s.tokens, seconds=s.train_time)
 
     def on_fit_end(self, trainer: Trainer) -> None:
         if hasattr(self, "progress"):
