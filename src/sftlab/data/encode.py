@@ -8,7 +8,10 @@ seq2seq: `{"input_ids": source ids, "labels": target ids + EOS}`. seq-cls: `{"in
 
 Examples longer than `max_length` are cut (counted in stats["truncated"]); an example left with no
 supervised token is dropped (stats["dropped"]); a dataset with none at all is an error, never a silent
-zero loss.
+zero loss. A record whose response is empty (alpaca `output: ""`, a conversation whose assistant turns are all
+empty, a seq2seq `target: ""`) is dropped with a warning naming it (stats["empty"]): trained on, it would teach
+the model to answer with EOS at once. Real sets carry a few (the original 52k Alpaca, ShareGPT dumps), so a few
+are not an error; a set where every response is empty is. A classification set needs two classes or more.
 """
 
 from __future__ import annotations
@@ -185,6 +188,63 @@ def _is_int(s: str) -> bool:
     return s.lstrip("-").isdigit()
 
 
+# The field that holds a record's response, per data.format, for messages about empty ones.
+RESPONSE_FIELDS = {
+    "alpaca": "output",
+    "messages": "messages[].content (every assistant turn)",
+    "sharegpt": "conversations[].value (every gpt/function_call turn)",
+    "seq2seq": "target",
+}
+
+
+def empty_response(rec: Record) -> bool:
+    """A chat whose assistant turns are all blank, or a pair with a blank target."""
+    if isinstance(rec, Chat):
+        return not any(t.content.strip() for t in rec.turns if t.role == "assistant")
+    if isinstance(rec, Pair):
+        return not rec.target.strip()
+    return False
+
+
+def drop_empty(recs: list[Record], fmt: str) -> tuple[list[Record], int]:
+    """(records with a response, how many were dropped); every response empty is a DataError."""
+    empty = [r for r in recs if empty_response(r)]
+    if not empty:
+        return recs, 0
+    field_name = RESPONSE_FIELDS.get(fmt, "response")
+    kept = [r for r in recs if not empty_response(r)]
+    if not kept:
+        raise DataError(
+            f"{empty[0].where}: {field_name}: empty in every one of the {len(recs)} records, so there is "
+            "nothing to learn; check data.format and data.columns (which field holds the responses?)"
+        )
+    where = ", ".join(r.where for r in empty[:3]) + (", ..." if len(empty) > 3 else "")
+    log.warning(
+        "%d of %d records dropped: %s is empty (%s); fill them in or remove them",
+        len(empty),
+        len(recs),
+        field_name,
+        where,
+    )
+    return kept, len(empty)
+
+
+def check_classes(label_names: list[str], source: str, data_cfg: Any) -> None:
+    """A classifier needs two classes: one would train to a constant and score 100% on its own data."""
+    if len(label_names) >= 2:
+        return
+    if source == "data.label_names":
+        raise DataError(
+            f"data.label_names: {label_names}: a classifier needs at least 2 classes; list every class"
+        )
+    seen = label_names[0] if label_names else None
+    raise DataError(
+        f"{data_cfg.train}: label: every record has the label {seen!r}, so there is only one class to learn "
+        f"(a classifier needs at least 2); add records of the other classes, or list every class in "
+        f"data.label_names (e.g. label_names: [{seen}, other])"
+    )
+
+
 def infer_label_names(records: list[Labeled]) -> list[str]:
     """Sorted distinct labels; numerically when all labels are integers (so 2 < 10)."""
     keys = {str(r.label) for r in records}
@@ -213,19 +273,23 @@ def encode_dataset(
     recs = to_records(records, data_cfg.format, data_cfg.system_prompt)
     if not recs:
         raise DataError("no records to encode")
+    n_records = len(recs)
+    recs, n_empty = drop_empty(recs, data_cfg.format)
     source = "labels of the training data"
     if task == "seq-cls" and label_names is None:
         if data_cfg.label_names:
             label_names, source = list(data_cfg.label_names), "data.label_names"
         else:
             label_names, source = infer_label_names(recs), ""  # type: ignore[arg-type]
+        check_classes(label_names, source, data_cfg)
     enc = Encoder(tokenizer, data_cfg, task, label_names, source)
     examples = [ex for ex in (enc.encode(r) for r in recs) if ex is not None]
     supervised = sum(_supervised(ex, task) for ex in examples)
     stats = {
-        "records": len(recs),
+        "records": n_records,
         "examples": len(examples),
         "dropped": enc.stats["dropped"],
+        "empty": n_empty,
         "truncated": enc.stats["truncated"],
         "tokens": sum(
             len(ex["input_ids"]) + (len(ex["labels"]) if task == "seq2seq" else 0) for ex in examples

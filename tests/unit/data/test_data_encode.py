@@ -36,7 +36,7 @@ def test_text_all_tokens_supervised_with_eos(tok):
     assert ex["input_ids"] == b("hi there") + [EOS]
     assert ex["labels"] == ex["input_ids"]
     assert data.stats == {
-        "records": 1, "examples": 1, "dropped": 0, "truncated": 0,
+        "records": 1, "examples": 1, "dropped": 0, "empty": 0, "truncated": 0,
         "tokens": 9, "supervised_tokens": 8, "eos_added": 0,
     }  # fmt: skip
 
