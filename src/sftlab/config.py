@@ -2,16 +2,39 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
+import typing
+import os
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from .errors import ConfigError
 from .methods import MethodConfigBase, get_method, method_names
 from .strict import StrictModel
+
+SEED_MAX = 2**32 - 1  # numpy's seeds; torch takes 64 bits, the data order (data/batching.py) reads 32
+
+
+def _user_path(v: str | None) -> str | None:
+    """A path from a config: not empty (that would be the working directory), `~` expanded; relative paths stay
+    relative to the working directory."""
+    if v is None:
+        return v
+    if not v.strip():
+        raise ValueError("must be a path, not empty")
+    return os.path.expanduser(v)
 
 
 class ModelConfig(StrictModel):
@@ -26,14 +49,52 @@ class ModelConfig(StrictModel):
         "float32", description="Weights dtype; float32 on CPU."
     )
     trust_remote_code: bool = Field(
-        False, description="Run model code from the model repo. Off unless you trust it."
+        False,
+        description="Run model code from the model repo. Only --trust-remote-code on the command line turns it on: "
+        "true here without the flag is an error for `sftlab train`, and ignored (with a warning) in a run directory "
+        "that eval/generate/merge load.",
     )
     attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel.")
 
 
+class MixingConfig(StrictModel):
+    """How often each task of `data.tasks` is sampled (data/mixture.py), for tasks i with n_i train examples."""
+
+    strategy: Literal["proportional", "temperature", "equal", "weights"] = Field(
+        "proportional",
+        description="proportional: rate_i ∝ min(n_i, cap) (T5's examples-proportional mixing); temperature: "
+        "rate_i ∝ min(n_i, cap)^(1/temperature) (1 = proportional, large = equal); equal: rate_i = 1/#tasks; "
+        "weights: rate_i ∝ the task's `weight`. `mixing: equal` is short for `mixing: {strategy: equal}`.",
+    )
+    cap: int | None = Field(
+        None,
+        gt=0,
+        description="K: a task counts as at most K examples (proportional and temperature); null: no cap.",
+    )
+    temperature: float | None = Field(
+        None, gt=0, description="T of the temperature strategy (required there, e.g. 2; only there)."
+    )
+
+    @model_validator(mode="after")
+    def _fits_strategy(self):
+        s = self.strategy
+        if s == "temperature" and self.temperature is None:
+            raise ValueError("data.mixing.temperature: required by strategy temperature (e.g. 2)")
+        if s != "temperature" and self.temperature is not None:
+            raise ValueError(f"data.mixing.temperature: only used by strategy temperature (strategy is {s})")
+        if s in ("equal", "weights") and self.cap is not None:
+            raise ValueError(f"data.mixing.cap: only used by strategies proportional and temperature (strategy is {s})")
+        return self
+
+
 class DataConfig(StrictModel):
-    train: str = Field(..., description="json, jsonl, csv, tsv, parquet or txt file, or a directory of them.")
-    eval: str | None = Field(None, description="Held-out file; or use eval_fraction.")
+    train: str | None = Field(
+        None,
+        description="json, jsonl, csv, tsv, parquet or txt file, or a directory of them. A relative path resolves "
+        "against the working directory (as every path in a config does), `~` against your home. Several tasks: "
+        "`tasks` instead (one or the other).",
+    )
+    eval: str | None = Field(None, description="Held-out file (a path like `train`); or use eval_fraction.")
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Split this share of train off for eval.")
     format: Literal["text", "alpaca", "messages", "sharegpt", "classification", "seq2seq"] = Field(
         "alpaca", description="Record layout."
@@ -60,10 +121,135 @@ class DataConfig(StrictModel):
     limit: int | None = Field(
         None, gt=0, description="Use only the first N records of each file (quick tries)."
     )
+    tasks: list[TaskConfig] | None = Field(
+        None,
+        description="Multi-task training: a list of tasks, each with its own name, train/eval files and record "
+        "keys; a key a task leaves unset takes its value from `data:` (train and eval excepted). See README "
+        "'Multi-task'.",
+    )
+    mixing: MixingConfig = Field(
+        default_factory=MixingConfig, description="How often each of `tasks` is sampled (see data.mixing.*)."
+    )
+
+    @field_validator("train", "eval")
+    @classmethod
+    def _paths(cls, v: str | None) -> str | None:
+        return _user_path(v)
+
+    @field_validator("mixing", mode="before")
+    @classmethod
+    def _mixing_shorthand(cls, v: Any) -> Any:
+        return {"strategy": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _one_or_many(self):
+        """data.train (one task) or data.tasks (a mixture), never both; a task's unset keys come from `data:`."""
+        if self.tasks is None:
+            if self.train is None:
+                raise ValueError("data.train: required key is missing (or data.tasks: a list of tasks to mix)")
+            if self.mixing != MixingConfig():
+                raise ValueError("data.mixing: mixes data.tasks; a run on one data.train has nothing to mix")
+            return self
+        for key in ("train", "eval"):
+            if getattr(self, key) is not None:
+                raise ValueError(
+                    f"data.{key}: not with data.tasks (one or the other): give each task its own {key} "
+                    f"(data.tasks[i].{key}), or drop data.tasks for a one-task run"
+                )
+        if not self.tasks:
+            raise ValueError("data.tasks: expected at least one task")
+        seen: dict[str, int] = {}
+        for i, t in enumerate(self.tasks):
+            if t.name in seen:
+                raise ValueError(f"data.tasks[{i}].name: {t.name!r} is taken by data.tasks[{seen[t.name]}]; names must be unique")
+            seen[t.name] = i
+            if t.weight != 1.0 and self.mixing.strategy != "weights":
+                raise ValueError(
+                    f"data.tasks[{i}].weight: only used by data.mixing: weights (strategy is {self.mixing.strategy}); "
+                    "drop it or set data.mixing: weights"
+                )
+            for k in TASK_RECORD_KEYS:  # resolved here, so the saved config.yaml holds what each task used
+                if k not in t.model_fields_set:
+                    t.__dict__[k] = getattr(self, k)
+                    t.model_fields_set.add(k)
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_unused(self, handler):
+        """A one-task config saves as before (no tasks/mixing keys); a mixture saves no data.train/eval."""
+        out = handler(self)
+        drop = ("train", "eval") if self.tasks is not None else ("tasks", "mixing")
+        return {k: v for k, v in out.items() if k not in drop}
+
+
+def _data_field(key: str) -> Any:
+    """DataConfig's field `key` (type bounds, default, description) for the task key that means the same."""
+    return copy.deepcopy(DataConfig.model_fields[key])
+
+
+TASK_RECORD_KEYS = ("eval_fraction", "format", "max_length", "template", "system_prompt", "columns", "label_names",
+                    "train_on_prompt", "limit")  # fmt: skip
+_FORMAT = DataConfig.model_fields["format"].annotation
+
+
+class TaskConfig(StrictModel):
+    """One task of `data.tasks`: its data (the keys mean what they mean under `data:`) and how it is mixed."""
+
+    name: str = Field(
+        ...,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="Unique task name (letters, digits, _ and -): names the task in logs, metrics and outputs.",
+    )
+    train: str = Field(..., description="The task's training file or directory (as data.train).")
+    eval: str | None = Field(None, description="The task's held-out file; or eval_fraction.")
+    eval_fraction: float = _data_field("eval_fraction")
+    format: _FORMAT = _data_field("format")
+    max_length: int = _data_field("max_length")
+    template: str = _data_field("template")
+    system_prompt: str | None = Field(
+        None,
+        description="As data.system_prompt; for a classification task on a text model it is the instruction "
+        "the label answers.",
+    )
+    columns: dict[str, str] = _data_field("columns")
+    label_names: list[str] | None = Field(
+        None,
+        description="As data.label_names; a classification task on a text model answers with these names when "
+        "its labels are indices (0 -> label_names[0]).",
+    )
+    train_on_prompt: bool = _data_field("train_on_prompt")
+    limit: int | None = _data_field("limit")
+    weight: float = Field(
+        1.0, gt=0, description="Sampling weight, used by data.mixing: weights (rate_i ∝ weight_i)."
+    )
+    loss_weight: float = Field(
+        1.0,
+        gt=0,
+        description="Multiplies the loss of each of this task's supervised tokens. The step loss is "
+        "sum_tokens loss_weight(task of token) * token loss / (supervised tokens in the step), so 1 everywhere is "
+        "the plain per-token mean, and a weight acts on the gradient like a per-task learning-rate factor.",
+    )
+    metric: Literal["exact", "f1"] | None = Field(
+        None,
+        description="Generation metric of the task's evaluation: exact match or token F1 of greedy answers. Not "
+        "computed yet (per-task evaluation comes with the per-task heads and adapters); eval reports loss.",
+    )
+
+    @field_validator("train", "eval")
+    @classmethod
+    def _paths(cls, v: str | None) -> str | None:
+        return _user_path(v)
+
+
+DataConfig.model_rebuild()
 
 
 class TrainConfig(StrictModel):
-    output_dir: str = Field("runs/demo", description="Run directory.")
+    output_dir: str = Field(
+        "runs/demo",
+        description="Run directory. A relative path resolves against the working directory (as every path in a "
+        "config does), `~` against your home; empty is an error (it would mean the working directory itself).",
+    )
     max_steps: int | None = Field(None, gt=0, description="Optimizer steps; or epochs.")
     epochs: float | None = Field(
         None, gt=0, description="Passes over the training data (used when max_steps is unset)."
@@ -74,12 +260,14 @@ class TrainConfig(StrictModel):
     weight_decay: float = Field(
         0.0, ge=0, description="AdamW weight decay (not applied to biases and norms)."
     )
-    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas, each in [0, 1).")
     schedule: Literal["cosine", "linear", "constant"] = Field(
         "cosine", description="LR schedule after warmup."
     )
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
-    max_grad_norm: float | None = Field(1.0, description="Clip gradients to this norm; null disables.")
+    max_grad_norm: float | None = Field(
+        1.0, description="Clip gradients to this norm (> 0); null disables clipping."
+    )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward to save memory."
     )
@@ -91,7 +279,11 @@ class TrainConfig(StrictModel):
     )
     log_every: int = Field(1, gt=0, description="Log a metrics row every N steps.")
     eval_batch_size: int | None = Field(None, gt=0, description="Default: batch_size.")
-    seed: int = Field(0, description="Seed for init, data order and dropout.")
+    seed: int = Field(
+        0,
+        description=f"Seed for init, data order and dropout, in [0, {SEED_MAX}] (numpy's range; the data order "
+        "reads 32 bits, so larger seeds would repeat smaller ones).",
+    )
     group_by_length: bool = Field(True, description="Length-bucketed batches (less padding).")
     max_tokens: int | None = Field(
         None,
@@ -105,6 +297,43 @@ class TrainConfig(StrictModel):
         description="Show progress: a bar on a terminal; otherwise (a log, a pipe) a plain line at step 1, "
         "every max(log_every, 5% of the run) steps, at least every 30 s and at the end. false: neither.",
     )
+
+    @field_validator("output_dir")
+    @classmethod
+    def _output_dir(cls, v: str) -> str:
+        return _user_path(v)
+
+    @field_validator("max_grad_norm")
+    @classmethod
+    def _clip(cls, v: float | None) -> float | None:
+        if v is not None and not v > 0:
+            raise ValueError("must be > 0 or null")
+        return v
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError("each beta must be in [0, 1)")
+        return v
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, v: int) -> int:
+        if not 0 <= v <= SEED_MAX:
+            raise ValueError(f"must be in [0, {SEED_MAX}]")
+        return v
+
+    def warn_long_warmup(self, total_steps: int) -> None:
+        """A warning, not an error: the run's length is known only once the data is loaded (epochs), and a quick
+        try that cuts max_steps below a config's warmup still trains; but the learning rate never decays."""
+        if self.warmup_steps and self.warmup_steps >= total_steps:
+            warnings.warn(
+                f"train.warmup_steps: {self.warmup_steps} is not shorter than the run ({total_steps} steps): the "
+                f"learning rate only rises, to {min(1.0, total_steps / self.warmup_steps):.0%} of train.lr, and "
+                "never decays; lower warmup_steps",
+                stacklevel=2,
+            )
 
     @model_validator(mode="after")
     def _length(self):
@@ -200,6 +429,15 @@ class RunConfig(StrictModel):
         except ValidationError as e:
             raise ValueError("\n  ".join(_error_lines(e, prefix="method", model=spec.config))) from None
 
+    @model_validator(mode="after")
+    def _task_kinds(self):
+        if self.data.tasks is not None and self.model.task == "seq-cls":
+            raise ValueError(
+                "data.tasks: a seq-cls mixture needs one classification head per task, which is not built yet; "
+                "train the tasks as text for now (model.task causal-lm or seq2seq, each task format classification)"
+            )
+        return self
+
 
 def _suggest(word: str, options: list[str]) -> str:
     close = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
@@ -210,12 +448,20 @@ def _model_at(model: type[StrictModel] | None, loc: tuple) -> type[StrictModel] 
     for part in loc:
         if model is None:
             return None
+        if str(part).startswith("[") or str(part).isdigit():
+            continue  # an item of a list of sections (data.tasks[i])
         field = model.model_fields.get(str(part))
         if field is None:
             return None
-        ann = field.annotation
-        model = ann if isinstance(ann, type) and issubclass(ann, StrictModel) else None
+        model = _section(field.annotation)
     return model
+
+
+def _section(ann: Any) -> type[StrictModel] | None:
+    """The config section an annotation holds: X, X | None or list[X] for a StrictModel X."""
+    if isinstance(ann, type) and not typing.get_args(ann) and issubclass(ann, StrictModel):
+        return ann
+    return next((m for m in map(_section, typing.get_args(ann)) if m is not None), None)
 
 
 def _format_errors(err: ValidationError) -> str:
@@ -226,8 +472,8 @@ def _error_lines(err: ValidationError, prefix: str = "", model: type[StrictModel
     model = model or RunConfig
     lines = []
     for e in err.errors():
-        loc = tuple(str(p) for p in e["loc"])
-        key = ".".join(((prefix,) if prefix else ()) + loc)
+        loc = tuple(f"[{p}]" if isinstance(p, int) else str(p) for p in e["loc"])
+        key = ".".join(((prefix,) if prefix else ()) + loc).replace(".[", "[")
         if e["type"] == "extra_forbidden":
             parent = _model_at(model, loc[:-1])
             options = list(parent.model_fields) if parent else []
@@ -241,11 +487,48 @@ def _error_lines(err: ValidationError, prefix: str = "", model: type[StrictModel
             lines.append(f"{key}: {e.get('input')!r} is not allowed; expected {allowed}")
         elif e["type"] == "missing":
             lines.append(f"{key}: required key is missing")
-        elif msg.startswith("method") and ":" in msg.split(" ")[0]:
-            lines.append(msg)  # already phrased by the method dispatcher
+        elif (msg.startswith("method") or msg.startswith(key)) and ":" in msg.split(" ")[0]:
+            lines.append(msg)  # already phrased by the method dispatcher or a validator naming its key
         else:
             lines.append(f"{key}: {msg} (got {e.get('input')!r})")
     return lines
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first: int):
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.line, self.first = key, line, first
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error: plain YAML keeps the second one
+    silently (`lr: 1e-4` ... `lr: 1e-3` trains at 1e-3). Merge keys (`<<: *base`) may still be overridden."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}  # key -> its line
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, key_node.start_mark.line + 1, seen[key] + 1)
+                seen[key] = key_node.start_mark.line
+            except TypeError:
+                continue  # an unhashable key: the base constructor reports it
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """YAML as safe_load reads it, with a duplicate key or a syntax error as a ConfigError naming `source`:line."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as e:
+        raise ConfigError(
+            f"{source}:{e.line}: duplicate key {e.key!r} (first on line {e.first}); give each key once"
+        ) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {e}") from None
 
 
 def parse_overrides(overrides: list[str]) -> dict:
@@ -255,7 +538,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value (e.g. train.lr=1e-4)")
         key, _, raw = item.partition("=")
-        value = yaml.safe_load(raw) if raw != "" else None
+        value = load_yaml(raw, f"override {item!r}") if raw != "" else None
         if isinstance(value, str):
             value = _yaml_float(value)
         node = out
@@ -322,34 +605,82 @@ def build_config(raw: dict, source: str = "config") -> RunConfig:
         raise ConfigError(f"{source}: {_format_errors(e)}") from None
 
 
+def require_remote_code_flag(cfg: RunConfig, flag: bool, source: str) -> RunConfig:
+    """The remote-code rule for a config the user runs: a model repo's code runs only when the user passes
+    --trust-remote-code on the command line (`flag`), which turns model.trust_remote_code on. The config alone
+    cannot: a YAML you were sent, or a key you forgot, must never run code."""
+    if flag:
+        cfg.model.trust_remote_code = True
+    elif cfg.model.trust_remote_code:
+        raise ConfigError(
+            f"{source}: model.trust_remote_code: true would run code from {cfg.model.name!r}, which a config cannot "
+            "turn on by itself; add --trust-remote-code to the command if you trust that code"
+        )
+    return cfg
+
+
+def ignore_saved_remote_code(cfg: RunConfig, flag: bool, source: str) -> RunConfig:
+    """The remote-code rule for a run directory's saved config (eval, generate, merge): a run dir may come from
+    anywhere, so its `trust_remote_code: true` is ignored with a warning; only `flag` (--trust-remote-code on the
+    command line) turns remote code on."""
+    if cfg.model.trust_remote_code and not flag:
+        warnings.warn(
+            f"{source}: model.trust_remote_code: true ignored (a run directory cannot turn on remote code); "
+            "pass --trust-remote-code to run the model's own code if you trust this run directory",
+            stacklevel=3,
+        )
+    cfg.model.trust_remote_code = flag
+    return cfg
+
+
+def _config_relative_paths(raw: dict, config: Path) -> None:
+    """Relative paths resolve against the working directory only. Before, a data path missing there was looked up
+    beside the config; name the path that meant, rather than silently reading another file or none."""
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    for k in ("train", "eval"):
+        v = data.get(k)
+        if not isinstance(v, str) or not v.strip() or Path(os.path.expanduser(v)).exists():
+            continue
+        beside = config.parent / v
+        if not Path(v).is_absolute() and beside.exists():
+            raise ConfigError(
+                f"{config}: data.{k}: {v!r} does not exist from the working directory ({os.getcwd()}); relative paths "
+                f"in a config resolve against the working directory, not the config's folder: did you mean "
+                f"{os.path.relpath(beside)!r}?"
+            )
+
+
 def load_config(
-    path: str | Path | None = None, overrides: list[str] | None = None, migrate: bool = False
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    migrate: bool = False,
+    trust_remote_code: bool = False,
 ) -> RunConfig:
-    """Load YAML (optional), apply dotted overrides, validate. Relative data paths resolve against the YAML's folder
-    only when they do not exist relative to the working directory. migrate: a run directory's saved config, whose
-    pre-`perf:` lever keys are moved rather than refused."""
+    """Load YAML (optional), apply dotted overrides, validate.
+
+    Every relative path (data.train, data.eval, train.output_dir) resolves against the working directory, as a path
+    typed in the shell or given as an override does, so `data.train=x.jsonl` and `data: {train: x.jsonl}` mean the
+    same file and a config runs the same from wherever it is kept; `~` is expanded.
+    trust_remote_code: the user's --trust-remote-code (require_remote_code_flag).
+    migrate: a run directory's saved config, whose pre-`perf:` lever keys are moved rather than refused; its
+    remote-code setting is left for the loader of the run to judge (ignore_saved_remote_code)."""
     raw: dict = {}
     source = "overrides"
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} does not exist")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        raw = load_yaml(p.read_text(), str(p)) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: top level must be a mapping with model/method/data/train")
         source = str(p)
-        data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
-        for k in ("train", "eval"):
-            v = data.get(k)
-            if isinstance(v, str) and not Path(v).exists() and (p.parent / v).exists():
-                data[k] = str(p.parent / v)
     if migrate:
         raw = migrate_moved_keys(raw)
     raw = deep_merge(raw, parse_overrides(overrides or []))
-    return build_config(raw, source)
+    if path is not None and not migrate:
+        _config_relative_paths(raw, Path(path))
+    cfg = build_config(raw, source)
+    return cfg if migrate else require_remote_code_flag(cfg, trust_remote_code, source)
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 from torch import nn
 
 from . import hub
-from .config import RunConfig, load_config
+from .config import RunConfig, ignore_saved_remote_code, load_config
 from .methods import MethodContext, MethodSpec, get_method
 
 RUN_INFO = "sftlab.json"
@@ -55,13 +55,16 @@ def save_final(
     return final
 
 
-def load_run(run_dir: str | Path, which: str = "final") -> tuple[nn.Module, object, RunConfig]:
-    """(model, tokenizer, config) of a trained run, ready for eval or generation."""
+def load_run(
+    run_dir: str | Path, which: str = "final", trust_remote_code: bool = False
+) -> tuple[nn.Module, object, RunConfig]:
+    """(model, tokenizer, config) of a trained run, ready for eval or generation. The model's own code (auto_map)
+    runs only with `trust_remote_code` (the user's --trust-remote-code); the run's config.yaml cannot turn it on."""
     run = Path(run_dir)
     cfg_path = run / "config.yaml"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{run}: not a run directory (no config.yaml)")
-    cfg = load_config(cfg_path, migrate=True)
+    cfg = ignore_saved_remote_code(load_config(cfg_path, migrate=True), trust_remote_code, str(cfg_path))
     final = run / which
     info_path = final / RUN_INFO
     if not info_path.is_file():
@@ -70,7 +73,7 @@ def load_run(run_dir: str | Path, which: str = "final") -> tuple[nn.Module, obje
     labels = info.get("label_names")
     num_labels = len(labels) if labels else None
     m = cfg.model
-    tokenizer = hub.load_tokenizer(str(final))
+    tokenizer = hub.load_tokenizer(str(final), m.trust_remote_code)
     spec, ctx = method_of(cfg, tokenizer)
     source = str(final) if spec.saves_full_model else m.name
     model, _ = hub.load_model(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ._args import add_trust_remote_code, positive_int
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -15,10 +17,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir", help="a run directory written by sftlab train")
     p.add_argument("--data", help="dataset file (default: the run's eval data, else its train data)")
     p.add_argument("--format", help="data format, if different from the run's")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=8, help="examples per forward pass (default 8)")
     p.add_argument(
         "--base", action="store_true", help="evaluate the base model without the method, for comparison"
     )
+    add_trust_remote_code(p, "the run's model")
     p.set_defaults(func=run)
 
 
@@ -27,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from ..eval.evaluate import evaluate
     from ..runs import load_run
 
-    model, tok, cfg = load_run(args.run_dir)
+    model, tok, cfg = load_run(args.run_dir, trust_remote_code=args.trust_remote_code)
     data_cfg = cfg.data.model_copy(
         update={
             "train": args.data or cfg.data.eval or cfg.data.train,
@@ -46,7 +49,11 @@ def run(args: argparse.Namespace) -> int:
 
         m = cfg.model
         model, _ = load_model(
-            m.name, m.task, m.dtype, model.config.num_labels if m.task == "seq-cls" else None
+            m.name,
+            m.task,
+            m.dtype,
+            model.config.num_labels if m.task == "seq-cls" else None,
+            m.trust_remote_code,
         )
     res = evaluate(model, data.examples, cfg.model.task, args.batch_size, tok.pad_token_id, cfg.perf)
     print(json.dumps({"data": data_cfg.train, "examples": len(data.examples), **res}, indent=2))

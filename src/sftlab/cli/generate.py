@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ._args import add_trust_remote_code, non_negative_float, positive_int, probability
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -13,9 +15,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("run_dir")
     p.add_argument("prompt", nargs="+", help="one or more prompts")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--max-new-tokens", type=positive_int, default=128)
+    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy (the default)")
+    p.add_argument(
+        "--top-p",
+        type=probability,
+        default=1.0,
+        help="with --temperature > 0: sample from this probability mass",
+    )
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    add_trust_remote_code(p, "the run's model")
     p.set_defaults(func=run)
 
 
@@ -23,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from ..generate import generate
     from ..runs import load_run
 
-    model, tok, cfg = load_run(args.run_dir)
+    model, tok, cfg = load_run(args.run_dir, trust_remote_code=args.trust_remote_code)
     outs = generate(
         model,
         tok,
@@ -31,7 +40,9 @@ def run(args: argparse.Namespace) -> int:
         args.prompt,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
+        top_p=args.top_p,
         chat=not args.raw,
+        reserved_positions=getattr(cfg.method, "num_virtual_tokens", 0) or 0,
     )
     for prompt, out in zip(args.prompt, outs):
         print(f">>> {prompt}\n{out}\n")

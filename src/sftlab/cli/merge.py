@@ -7,6 +7,8 @@ import os
 import shutil
 from pathlib import Path
 
+from ._args import add_trust_remote_code
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -18,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run_dir")
     p.add_argument("out_dir", help="new directory for the merged model (must not exist or be empty)")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+    add_trust_remote_code(p, "the run's model")
     p.set_defaults(func=run)
 
 
@@ -38,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out_dir)
     check_out_dir(out, args.force)
-    model, tok, cfg = load_run(args.run_dir)
+    model, tok, cfg = load_run(args.run_dir, trust_remote_code=args.trust_remote_code)
     spec = get_method(cfg.method.name)
     if spec.merge is None:
         mergeable = [n for n in method_names() if get_method(n).merge is not None]
