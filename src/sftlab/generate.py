@@ -2,10 +2,48 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from .config import DataConfig
+from .errors import ConfigError, ModelError
+from .models import describe_limit, position_limit
+
+log = logging.getLogger(__name__)
+
+
+def fit_new_tokens(
+    model: nn.Module, width: int, max_new_tokens: int, reserved: int = 0, warn: bool = True
+) -> int:
+    """`max_new_tokens`, capped so prompt + reply fit a model with a position table (GPT-2, BERT, BART): one
+    position more is an IndexError mid-generation. A prompt that alone does not fit is a ModelError.
+    `reserved`: positions a prompt/prefix method's virtual tokens take."""
+    limit = position_limit(model)
+    if limit is None:
+        return max_new_tokens
+    is_seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    used = reserved + (0 if is_seq2seq else width)  # a decoder's positions start after its own first token
+    extra = f" after {reserved} virtual tokens" if reserved else ""
+    if width + reserved > limit or used >= limit:
+        raise ModelError(
+            f"prompt: {width} tokens{extra} leave no room to generate: {describe_limit(model, limit)}; "
+            "shorten the prompt"
+        )
+    room = limit - used
+    if max_new_tokens > room:
+        if warn:
+            log.warning(
+                "max_new_tokens=%d capped to %d: %s and the prompt takes %d%s",
+                max_new_tokens,
+                room,
+                describe_limit(model, limit),
+                width,
+                extra,
+            )
+        return room
+    return max_new_tokens
 
 
 @torch.no_grad()
@@ -18,9 +56,23 @@ def generate(
     temperature: float = 0.0,
     chat: bool = True,
     batch_size: int = 8,
+    top_p: float = 1.0,
+    reserved_positions: int = 0,
 ) -> list[str]:
-    """Decoded completions (new tokens only). Causal LMs are left-padded so every row continues at the end."""
+    """Decoded completions (new tokens only). Causal LMs are left-padded so every row continues at the end.
+    temperature 0 is greedy; above 0 samples, from the top_p probability mass. `reserved_positions`: a
+    prompt/prefix method's virtual tokens (method.num_virtual_tokens), which take positions in models with a
+    position table; max_new_tokens is capped to what fits there (a warning says so)."""
     from .data import encode_prompt
+
+    if not temperature >= 0:  # also NaN
+        raise ConfigError(f"generate: temperature must be >= 0 (0 = greedy) (got {temperature})")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"generate: top_p must be in (0, 1] (got {top_p})")
+    if not (isinstance(max_new_tokens, int) and max_new_tokens > 0):
+        raise ConfigError(f"generate: max_new_tokens must be a positive integer (got {max_new_tokens!r})")
+    if not (isinstance(batch_size, int) and batch_size > 0):
+        raise ConfigError(f"generate: batch_size must be a positive integer (got {batch_size!r})")
 
     model.eval()
     is_seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
@@ -39,9 +91,12 @@ def generate(
         else:
             input_ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in ids])
             mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
-        kwargs = {"do_sample": temperature > 0, "max_new_tokens": max_new_tokens, "pad_token_id": pad_id}
+        new_tokens = fit_new_tokens(model, width, max_new_tokens, reserved_positions, warn=start == 0)
+        kwargs = {"do_sample": temperature > 0, "max_new_tokens": new_tokens, "pad_token_id": pad_id}
         if temperature > 0:
             kwargs["temperature"] = temperature
+            if top_p < 1:
+                kwargs["top_p"] = top_p
         out = model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
         new = out if is_seq2seq else out[:, width:]
         outs.extend(tokenizer.decode(row, skip_special_tokens=True).strip() for row in new)

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 from torch import nn
 
+from ..errors import ConfigError
 from ._base import MethodConfigBase, MethodContext, MethodSpec
 from ._targets import block_lists, freeze_all, task_head_modules, unfreeze_modules
 
@@ -43,7 +44,20 @@ def _apply_full(model: nn.Module, cfg: FullConfig, ctx: MethodContext) -> None:
 def _apply_freeze(model: nn.Module, cfg: FreezeConfig, ctx: MethodContext) -> None:
     freeze_all(model)
     if cfg.trainable_layers:
-        for name, blocks in block_lists(model):
+        stacks = block_lists(model)
+        if not stacks:
+            raise ConfigError(
+                "method.trainable_layers: this model has no transformer block list to pick blocks from; "
+                "use method.trainable_modules"
+            )
+        deepest = max(len(blocks) for _, blocks in stacks)
+        if cfg.trainable_layers > deepest:
+            have = ", ".join(f"{name}: {len(blocks)}" for name, blocks in stacks)
+            raise ConfigError(
+                f"method.trainable_layers: {cfg.trainable_layers} is more blocks than the model has ({have}); "
+                f"use at most {deepest}, or method.name=full to train every weight"
+            )
+        for name, blocks in stacks:
             for i in range(max(0, len(blocks) - cfg.trainable_layers), len(blocks)):
                 unfreeze_modules(model, [f"{name}.{i}"])
     if cfg.trainable_modules:

@@ -102,6 +102,7 @@ class Trainer:
             self.total_steps = max(1, math.ceil(c.epochs * self.batches_per_epoch / c.grad_accum))
         self.optimizer = build_optimizer(self.model, c.lr, c.weight_decay, c.betas, self.perf.fused_optimizer)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, c.warmup_steps, c.schedule)
+        c.warn_long_warmup(self.total_steps)
         self.ckpt_root = self.run_dir / "checkpoints"
         if self.callbacks is None:
             self.callbacks = default_callbacks(c)
