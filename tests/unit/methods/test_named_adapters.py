@@ -10,6 +10,7 @@ from helpers import make_config, tiny_model
 from transformers import AutoModelForCausalLM
 
 from sftlab.cli import merge as merge_cli
+from sftlab.cli.main import build_parser
 from sftlab.methods import MethodContext, get_method, method_names
 from sftlab.methods._adapters import BASE_ROW, SavedModule, check_name, mix_rows, row_groups
 from sftlab.recipe import train
@@ -69,12 +70,16 @@ def _run(tmp_path, method: str, **method_kw):
     return tmp_path / "run"
 
 
+def _merge_args(run_dir, out) -> argparse.Namespace:
+    return build_parser().parse_args(["merge", str(run_dir), str(out)])
+
+
 def test_sftlab_merge_asks_the_method(tmp_path, capsys):
     run_dir = _run(tmp_path / "lora", "lora", r=2)
     out = tmp_path / "merged"
-    assert merge_cli.run(argparse.Namespace(run_dir=str(run_dir), out_dir=str(out), force=False)) == 0
+    assert merge_cli.run(_merge_args(run_dir, out)) == 0
     assert isinstance(AutoModelForCausalLM.from_pretrained(out), torch.nn.Module)
 
     run_dir = _run(tmp_path / "adapter", "adapter")
     with pytest.raises(ValueError, match=r"method 'adapter' cannot be merged.*mergeable methods: lora"):
-        merge_cli.run(argparse.Namespace(run_dir=str(run_dir), out_dir=str(tmp_path / "no"), force=False))
+        merge_cli.run(_merge_args(run_dir, tmp_path / "no"))
