@@ -291,7 +291,11 @@ class TrainConfig(StrictModel):
         description="Token budget per micro-batch (count x longest example), replacing batch_size: short examples "
         "make big batches, long ones small, so step time and memory stay even. null: batch_size examples.",
     )
-    threads: int | None = Field(None, gt=0, description="torch threads; default: physical cores.")
+    threads: int | None = Field(
+        None,
+        gt=0,
+        description="torch threads; default: the physical cores idle at start (others' busy cores left alone).",
+    )
     progress: bool = Field(
         True,
         description="Show progress: a bar on a terminal; otherwise (a log, a pipe) a plain line at step 1, "

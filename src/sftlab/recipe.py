@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import resource
 import time
@@ -25,23 +24,8 @@ from .methods._targets import count_parameters
 from .models import enable_activation_checkpointing
 from .rundir import check_run_dir, started_run
 from .runs import method_of, save_final
+from .threads import choose_threads
 from .train.loop import Trainer, TrainingDiverged
-
-
-def physical_cores() -> int:
-    """Cores this process may use, counting hyper-threads once: a second thread on a core only slows matmuls."""
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        cores, phys = set(), None
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, val = line.partition(":")
-            if key.strip() == "physical id":
-                phys = val.strip()
-            elif key.strip() == "core id":
-                cores.add((phys, val.strip()))
-        return max(1, min(usable, len(cores) or usable))
-    except OSError:
-        return max(1, usable)
 
 
 # -- the steps ------------------------------------------------------------------------------------------
@@ -113,7 +97,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log=pri
     """Train per `cfg`; returns the summary (also written to summary.json)."""
     t_start = time.perf_counter()
     check_run_dir(cfg, resume, overwrite)  # refuse before loading anything; nothing is written until fit
-    torch.set_num_threads(cfg.train.threads or physical_cores())
+    torch.set_num_threads(choose_threads(cfg.train.threads, log))
     random.seed(cfg.train.seed)
     model, tokenizer, train_data, eval_data = prepare(cfg, log)
     trainable, total = count_parameters(model)

@@ -22,6 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from ..threads import set_wait_policy
+
+    set_wait_policy()  # idle OpenMP threads sleep, not spin (threads.py); before anything imports torch
     args = build_parser().parse_args(argv)
     from ..errors import SftlabError
 
