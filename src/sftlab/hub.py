@@ -14,6 +14,7 @@ from pathlib import Path
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from . import models
+from .errors import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ def resolve_alias(name: str) -> str:
 
     path = obtain_demo_model(log=log.info)
     if path is None:
-        raise FileNotFoundError(
+        raise ModelError(
             f"model.name: {name!r}: the demo model could not be obtained (offline and not cached?)"
         )
     return str(path)

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
@@ -26,6 +29,8 @@ from transformers import (
     PreTrainedTokenizerFast,
     T5Config,
 )
+
+from .errors import ModelError
 
 TASKS = ("causal-lm", "seq-cls", "seq2seq")
 TINY_NAMES = ("tiny-llama", "tiny-gpt2", "tiny-bert", "tiny-t5")
@@ -154,15 +159,62 @@ def _is_gguf(name: str) -> bool:
     return name.lower().endswith(".gguf")
 
 
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE, read now (huggingface_hub reads its flag once, at import)."""
+    from huggingface_hub import constants
+
+    on = {"1", "ON", "YES", "TRUE"}
+    env = (os.environ.get(k, "").upper() in on for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return bool(constants.HF_HUB_OFFLINE) or any(env)
+
+
+@contextmanager
+def named_source(name: str) -> Iterator[None]:
+    """Turn transformers' OSError for a name it cannot find into a ModelError that says what the name is not
+    (a local directory, a tiny name, a .gguf file) and why the hub did not supply it."""
+    p = Path(name).expanduser()
+    if p.is_dir() and not any(
+        (p / f).is_file() for f in ("config.json", "tokenizer_config.json", "tokenizer.json")
+    ):
+        raise ModelError(
+            f"model.name: {name!r} is a directory but not a model's: no config.json or tokenizer files in it"
+        )
+    try:
+        yield
+    except OSError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if Path(name).expanduser().exists():
+            raise ModelError(
+                f"model.name: {name!r}: cannot load a model/tokenizer from this path ({reason})"
+            ) from e
+        hub = (
+            "the Hugging Face hub is offline (HF_HUB_OFFLINE=1) and holds no cached copy"
+            if hub_offline()
+            else f"the Hugging Face hub could not provide it (unreachable, or no such model: {reason})"
+        )
+        raise ModelError(
+            f"model.name: {name!r} is not a local directory, not a built-in tiny name ({', '.join(TINY_NAMES)}), "
+            f"not a .gguf file, and {hub}"
+        ) from e
+
+
+def _gguf_path(name: str) -> Path:
+    p = Path(name)
+    if not p.is_file():
+        raise ModelError(f"model.name: {name!r}: no such GGUF file")
+    return p
+
+
 def load_tokenizer(name: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     if name in TINY_NAMES:
         return byte_tokenizer()
-    if _is_gguf(name):
-        p = Path(name)
-        return AutoTokenizer.from_pretrained(
-            str(p.parent), gguf_file=p.name, trust_remote_code=trust_remote_code
-        )
-    return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    with named_source(name):
+        if _is_gguf(name):
+            p = _gguf_path(name)
+            return AutoTokenizer.from_pretrained(
+                str(p.parent), gguf_file=p.name, trust_remote_code=trust_remote_code
+            )
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
 
 
 def load_model(
@@ -190,17 +242,11 @@ def load_model(
         kwargs["num_labels"] = num_labels
     src = name
     if _is_gguf(name):
-        p = Path(name)
-        if not p.is_file():
-            raise FileNotFoundError(f"model.name: GGUF file {name!r} does not exist")
+        p = _gguf_path(name)
         src, kwargs["gguf_file"] = str(p.parent), p.name
-    elif not Path(name).exists() and os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise FileNotFoundError(
-            f"model.name: {name!r} is not a local path or a built-in tiny name ({', '.join(TINY_NAMES)}), "
-            "and HF_HUB_OFFLINE=1 forbids a download"
-        )
     tok = tokenizer if tokenizer is not None else load_tokenizer(name, trust_remote_code)
-    model = _AUTO_CLASSES[task].from_pretrained(src, **kwargs)
+    with named_source(name):
+        model = _AUTO_CLASSES[task].from_pretrained(src, **kwargs)
     if _is_gguf(name):
         # GGUF weights come back dequantized fp32; clear the flag so save_pretrained accepts the model.
         for attr in ("is_quantized", "hf_quantizer", "quantization_method"):
@@ -218,6 +264,46 @@ def load_model(
     return model, tok
 
 
+# Module names of position tables (GPT-2 wpe, BERT/RoBERTa position_embeddings, BART/OPT embed_positions).
+_POSITION_TABLES = ("wpe", "position_embeddings", "embed_positions")
+
+
+def position_limit(model: nn.Module) -> int | None:
+    """How many positions the model can embed, when it looks them up in a table (learned absolute positions):
+    one more is an IndexError deep in the forward. None for rotary or relative positions (LLaMA, T5), which have
+    no hard limit. RoBERTa's table starts at padding_idx + 1 and BART's at `offset`, so both hold a few extra rows."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_TABLES:
+            offset = getattr(mod, "offset", None)
+            if not isinstance(offset, int):
+                offset = mod.padding_idx + 1 if mod.padding_idx is not None else 0
+            return mod.num_embeddings - offset
+    return None
+
+
+def describe_limit(model: nn.Module, limit: int) -> str:
+    """`gpt2 has 1024 positions (n_positions=1024)`: the model and the config key users know the limit by."""
+    config = getattr(model, "config", None)
+    name = getattr(config, "name_or_path", "") or type(model).__name__
+    key = next((k for k in ("n_positions", "max_position_embeddings") if hasattr(config, k)), None)
+    return f"{name} has {limit} positions" + (f" ({key}={getattr(config, key)})" if key else "")
+
+
+def check_positions(
+    model: nn.Module, length: int, key: str, reserved: int = 0, reserved_by: str = ""
+) -> None:
+    """Refuse a `length` (plus `reserved` virtual tokens of a prompt/prefix method) beyond the model's position
+    table, naming the config key: caught here instead of as an IndexError in the first long batch."""
+    limit = position_limit(model)
+    if limit is None or length + reserved <= limit:
+        return
+    extra = f" plus the {reserved} virtual tokens of {reserved_by or 'the method'}" if reserved else ""
+    raise ModelError(
+        f"{key}={length}{extra} is beyond the model's positions: {describe_limit(model, limit)}, and a longer "
+        f"input would index past its position table; set {key} to at most {limit - reserved}"
+    )
+
+
 def enable_activation_checkpointing(model: PreTrainedModel) -> None:
     """Recompute activations in backward (non-reentrant, so frozen inputs are fine). transformers 5.x renamed
     gradient_checkpointing_enable to activation_checkpointing_enable; use whichever this version has."""
@@ -232,7 +318,9 @@ __all__ = [
     "TINY_NAMES",
     "build_tiny",
     "byte_tokenizer",
+    "check_positions",
     "enable_activation_checkpointing",
     "load_model",
     "load_tokenizer",
+    "position_limit",
 ]

@@ -21,7 +21,7 @@ from .config import RunConfig
 from .data import EncodedData
 from .data import load_data as _read_and_encode
 from .methods._targets import count_parameters
-from .models import enable_activation_checkpointing
+from .models import check_positions, enable_activation_checkpointing
 from .rundir import check_run_dir, started_run
 from .runs import method_of, save_final
 from .threads import choose_threads
@@ -89,6 +89,8 @@ def prepare(cfg: RunConfig, log=print):
     tokenizer = load_tokenizer(cfg)
     train_data, eval_data = load_data(cfg, tokenizer, log)
     model = load_base(cfg, tokenizer, train_data.label_names)
+    virtual = getattr(cfg.method, "num_virtual_tokens", 0) or 0  # prompt/prefix methods take positions too
+    check_positions(model, cfg.data.max_length, "data.max_length", virtual, f"method {cfg.method.name}")
     apply_method(model, cfg, tokenizer)
     return model, tokenizer, train_data, eval_data
 

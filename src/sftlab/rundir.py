@@ -15,11 +15,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from .config import RunConfig, dump_config, load_config, save_config
+from .errors import RunDirError
 from .train.checkpoint import STATE_FILE, list_checkpoints
 
 MANIFEST = ".sftlab-run.json"
@@ -44,8 +46,10 @@ def owned_entries(run_dir: Path) -> list[str] | None:
     if manifest.is_file():
         try:
             entries = json.loads(manifest.read_text())["entries"]
+            if not isinstance(entries, list):
+                raise TypeError(f"entries is a {type(entries).__name__}, not a list")
         except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(
+            raise RunDirError(
                 f"{manifest}: unreadable run manifest ({e}); remove the directory by hand"
             ) from e
         return [e for e in entries if e in ENTRIES]  # never a path outside the run's own layout
@@ -54,9 +58,31 @@ def owned_entries(run_dir: Path) -> list[str] | None:
     return None
 
 
+def check_writable(run_dir: Path, key: str = "train.output_dir") -> None:
+    """A run directory sftlab cannot write into (read-only, someone else's permissions) fails now, before data and
+    model load, not as a PermissionError at the first write. Probes with a file it removes at once; a directory
+    that does not exist yet is probed in its nearest existing parent."""
+    target = run_dir
+    while not target.exists() and target.parent != target:
+        target = target.parent
+    if not target.is_dir():
+        raise RunDirError(f"{key}: {run_dir}: {target} is a file, not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".sftlab-write-probe-", dir=target)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        where = "" if target == run_dir else f" (it would be created in {target})"
+        raise RunDirError(
+            f"{key}: {run_dir}: not writable{where}: {e.strerror or e}; choose a directory you can "
+            "write to, or fix its permissions"
+        ) from None
+
+
 def check_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
-    """Refuse a directory sftlab must not train into; writes nothing."""
+    """Refuse a directory sftlab must not or cannot train into; writes nothing (a probe file aside)."""
     run_dir = Path(cfg.train.output_dir)
+    check_writable(run_dir)
     present = [n for n in _MARKS if (run_dir / n).exists()]
     if not present:
         return run_dir

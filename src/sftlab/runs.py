@@ -21,6 +21,8 @@ from torch import nn
 
 from . import hub
 from .config import RunConfig, ignore_saved_remote_code, load_config
+from .errors import RunDirError
+from .files import check_safetensors, read_json, read_json_object
 from .methods import MethodContext, MethodSpec, get_method
 
 RUN_INFO = "sftlab.json"
@@ -69,9 +71,14 @@ def load_run(
     info_path = final / RUN_INFO
     if not info_path.is_file():
         raise FileNotFoundError(f"{final}: no trained model here (did the run finish? try --resume)")
-    info = json.loads(info_path.read_text())
+    info = read_json_object(info_path, "run info")
     labels = info.get("label_names")
+    if labels is not None and (not isinstance(labels, list) or not all(isinstance(x, str) for x in labels)):
+        raise RunDirError(
+            f"{info_path}: label_names: expected a list of strings or null (got {labels!r:.60})"
+        )
     num_labels = len(labels) if labels else None
+    check_files(final)
     m = cfg.model
     tokenizer = hub.load_tokenizer(str(final), m.trust_remote_code)
     spec, ctx = method_of(cfg, tokenizer)
@@ -84,3 +91,12 @@ def load_run(
         spec.load(model, cfg.method, final, ctx)
     model.eval()
     return model, tokenizer, cfg
+
+
+def check_files(final: Path) -> None:
+    """Every JSON and safetensors file in final/ parses (safetensors: its header), so a truncated or garbled one is
+    a RunDirError naming it, before transformers or a method's loader trips over it."""
+    for f in sorted(final.glob("*.json")):
+        read_json(f, "JSON file")
+    for f in sorted(final.glob("*.safetensors")):
+        check_safetensors(f)

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from sftlab import models
+from sftlab.errors import ModelError
 from sftlab.models import TINY_NAMES, build_tiny, byte_tokenizer, enable_activation_checkpointing, load_model
 
 
@@ -42,9 +43,9 @@ def test_bf16_on_cpu_without_native_support_warns(monkeypatch):
 
 def test_unknown_names_are_clear_errors(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(FileNotFoundError, match="not a local path or a built-in tiny name"):
+    with pytest.raises(ModelError, match="not a local directory, not a built-in tiny name .* hub is offline"):
         load_model("no-such/model-anywhere")
-    with pytest.raises(FileNotFoundError, match="GGUF file"):
+    with pytest.raises(ModelError, match="no such GGUF file"):
         load_model("/nope/model.gguf")
     with pytest.raises(ValueError, match="model.task"):
         load_model("tiny-llama", task="classify")

@@ -36,16 +36,19 @@ def check_out_dir(out: Path, force: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..errors import RunDirError
     from ..methods import get_method, method_names
+    from ..rundir import check_writable
     from ..runs import load_run
 
     out = Path(args.out_dir)
     check_out_dir(out, args.force)
+    check_writable(out.parent, "OUT_DIR (its parent)")  # merged beside OUT, then renamed
     model, tok, cfg = load_run(args.run_dir, trust_remote_code=args.trust_remote_code)
     spec = get_method(cfg.method.name)
     if spec.merge is None:
         mergeable = [n for n in method_names() if get_method(n).merge is not None]
-        raise ValueError(
+        raise RunDirError(
             f"{args.run_dir}: method {cfg.method.name!r} cannot be merged into the base weights "
             f"(mergeable methods: {', '.join(mergeable)})"
         )

@@ -10,7 +10,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from ..files import read_json_object, read_safetensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -36,4 +38,4 @@ def read_adapter(in_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
                 f"{d}: only a pickled adapter_model.bin is present; sftlab loads safetensors only"
             )
         raise FileNotFoundError(f"{w_path}: no adapter weights here")
-    return json.loads(cfg_path.read_text()), load_file(str(w_path))
+    return read_json_object(cfg_path, "adapter config"), read_safetensors(w_path)

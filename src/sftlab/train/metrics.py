@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..files import read_jsonl
+
 
 class MetricsLog:
     def __init__(self, path: Path, resume_step: int | None = None):
@@ -22,9 +24,11 @@ class MetricsLog:
 
     @staticmethod
     def read(path: Path) -> list[dict]:
+        """The logged rows; a broken line is a RunDirError naming metrics.jsonl:line (a last line cut short by a
+        kill mid-write is dropped: it was logged after the newest checkpoint, so a resume logs it again)."""
         if not path.exists():
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return read_jsonl(path, "metrics log", drop_cut_tail=True)
 
 
 def plot_loss(metrics_path: Path, out_png: Path) -> None:
