@@ -89,6 +89,9 @@ def load_run(
     if not spec.saves_full_model:
         spec.apply(model, cfg.method, ctx)
         spec.load(model, cfg.method, final, ctx)
+    if labels:  # a rebuilt base names its classes LABEL_0..; the run's names say what each output means
+        model.config.id2label = dict(enumerate(labels))
+        model.config.label2id = {name: i for i, name in enumerate(labels)}
     model.eval()
     return model, tokenizer, cfg
 
