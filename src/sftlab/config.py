@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import copy
 import difflib
-import typing
 import os
+import typing
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -83,7 +83,9 @@ class MixingConfig(StrictModel):
         if s != "temperature" and self.temperature is not None:
             raise ValueError(f"data.mixing.temperature: only used by strategy temperature (strategy is {s})")
         if s in ("equal", "weights") and self.cap is not None:
-            raise ValueError(f"data.mixing.cap: only used by strategies proportional and temperature (strategy is {s})")
+            raise ValueError(
+                f"data.mixing.cap: only used by strategies proportional and temperature (strategy is {s})"
+            )
         return self
 
 
@@ -146,7 +148,9 @@ class DataConfig(StrictModel):
         """data.train (one task) or data.tasks (a mixture), never both; a task's unset keys come from `data:`."""
         if self.tasks is None:
             if self.train is None:
-                raise ValueError("data.train: required key is missing (or data.tasks: a list of tasks to mix)")
+                raise ValueError(
+                    "data.train: required key is missing (or data.tasks: a list of tasks to mix)"
+                )
             if self.mixing != MixingConfig():
                 raise ValueError("data.mixing: mixes data.tasks; a run on one data.train has nothing to mix")
             return self
@@ -161,7 +165,9 @@ class DataConfig(StrictModel):
         seen: dict[str, int] = {}
         for i, t in enumerate(self.tasks):
             if t.name in seen:
-                raise ValueError(f"data.tasks[{i}].name: {t.name!r} is taken by data.tasks[{seen[t.name]}]; names must be unique")
+                raise ValueError(
+                    f"data.tasks[{i}].name: {t.name!r} is taken by data.tasks[{seen[t.name]}]; names must be unique"
+                )
             seen[t.name] = i
             if t.weight != 1.0 and self.mixing.strategy != "weights":
                 raise ValueError(

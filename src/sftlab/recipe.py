@@ -20,6 +20,8 @@ from . import hub
 from .config import RunConfig
 from .data import EncodedData
 from .data import load_data as _read_and_encode
+from .data.mixture import mixture_table
+from .data.tasks import TaskSet, load_tasks
 from .methods._targets import count_parameters
 from .models import check_positions, enable_activation_checkpointing
 from .rundir import check_run_dir, started_run
@@ -38,7 +40,10 @@ def load_tokenizer(cfg: RunConfig) -> PreTrainedTokenizerBase:
 def load_data(
     cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, log=print
 ) -> tuple[EncodedData, EncodedData | None]:
-    """(train, eval or None), encoded; bad records raise before any model is loaded."""
+    """(train, eval or None), encoded; bad records raise before any model is loaded. With data.tasks, each task's
+    data joined into a TaskSet (data/tasks.py) whose train side carries the mixture."""
+    if cfg.data.tasks is not None:
+        return load_tasks(cfg.data, tokenizer, cfg.model.task, cfg.train.seed, log)
     train_data, eval_data = _read_and_encode(cfg.data, tokenizer, cfg.model.task, cfg.train.seed)
     st = train_data.stats
     log(
@@ -47,6 +52,17 @@ def load_data(
         + (f"; {len(eval_data.examples)} eval examples" if eval_data else "")
     )
     return train_data, eval_data
+
+
+def describe_mixture(trainer: Trainer, train_data: EncodedData, log=print) -> list[dict] | None:
+    """Print a mixture's plan for this run (per task: examples, share, draws, epochs over it); its rows, or None."""
+    mixture = trainer.mixture
+    if mixture is None or not isinstance(train_data, TaskSet):
+        return None
+    epochs = trainer.total_steps * trainer.cfg.grad_accum / trainer.batches_per_epoch
+    supervised = [p.stats.get("supervised_tokens", 0) for p in train_data.parts]
+    log(mixture_table(mixture, epochs, supervised))
+    return mixture.describe(epochs, supervised)
 
 
 def load_base(
@@ -117,7 +133,9 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log=pri
         eval_examples=eval_data.examples if eval_data else None,
         log=log,
         perf=cfg.perf,
+        mixture=getattr(train_data, "mixture", None),
     )
+    tasks = describe_mixture(trainer, train_data, log)
     if resume:
         trainer.resume()  # a checkpoint that does not fit this config fails here, before config.yaml changes
     error = None
@@ -146,6 +164,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log=pri
             "trainable_share": trainable / total,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "data": train_data.stats,
+            **({"tasks": tasks} if tasks else {}),
             "run_dir": str(run_dir),
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

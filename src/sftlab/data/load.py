@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from typing import Any
 
 from .encode import EncodedData, check_task_format, encode_dataset
@@ -29,9 +30,15 @@ def split_eval(
 
 
 def load_data(
-    data_cfg: Any, tokenizer: Any, task: str, seed: int = 0
+    data_cfg: Any,
+    tokenizer: Any,
+    task: str,
+    seed: int = 0,
+    convert: Callable[[list[RawRecord]], list] | None = None,
 ) -> tuple[EncodedData, EncodedData | None]:
-    """(train, eval or None). Malformed data raises DataError (`path:line: field: ...`) before any training."""
+    """(train, eval or None). Malformed data raises DataError (`path:line: field: ...`) before any training.
+    `convert` turns the raw records (after the eval split) into canonical ones before encoding: a multi-task run's
+    classification-as-text task (`tasks.py`)."""
     check_task_format(task, data_cfg.format)
     train_raw = read_records(data_cfg.train, data_cfg.columns, data_cfg.limit)
     if not train_raw:
@@ -43,6 +50,9 @@ def load_data(
             raise DataError(f"{data_cfg.eval}: no records")
     elif data_cfg.eval_fraction > 0:
         train_raw, eval_raw = split_eval(train_raw, data_cfg.eval_fraction, seed)
+    if convert is not None:
+        train_raw = convert(train_raw)
+        eval_raw = convert(eval_raw) if eval_raw is not None else None
     train = encode_dataset(train_raw, tokenizer, data_cfg, task)
     log.info("train data: %s", _describe(train.stats))
     evald = None

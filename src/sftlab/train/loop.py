@@ -19,15 +19,16 @@ import torch
 from torch import nn
 
 from ..config import PerfConfig, TrainConfig
+from ..data.mixture import Mixture
 from . import patches
 from .callbacks import Callback, CheckpointCallback, EvalCallback, MetricsCallback
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .eval_loss import eval_loss
 from .metrics import MetricsLog
+from .mixture_stream import make_stream
 from .objective import Objective, count_supervised
 from .optim import build_optimizer, build_scheduler
 from .packing import resolve_packing
-from .stream import BatchStream
 
 
 class TrainingDiverged(RuntimeError):
@@ -87,14 +88,19 @@ class Trainer:
     perf: PerfConfig = field(default_factory=PerfConfig)
     callbacks: list[Callback] | None = None  # default: metrics, eval, checkpoints
     state: LoopState = field(default_factory=LoopState)
+    # data.tasks: train_examples are the tasks' examples (task 0's first), sampled per the mixture's rates
+    mixture: Mixture | None = None
 
     def __post_init__(self) -> None:
         c = self.cfg
-        self.objective = Objective(self.model, self.task, self.perf)
+        weights = self.mixture.loss_weights if self.mixture else None
+        self.objective = Objective(self.model, self.task, self.perf, loss_weights=weights)
         self.packing = resolve_packing(
             self.perf.packing, self.task, self.model, self.train_examples, self.log
         )
-        self.stream = BatchStream(self.train_examples, self.task, self.pad_id, c, self.perf, self.packing)
+        self.stream = make_stream(
+            self.train_examples, self.task, self.pad_id, c, self.perf, self.packing, self.mixture
+        )
         self.batches_per_epoch = len(self.stream.epoch(0))
         if c.max_steps:
             self.total_steps = c.max_steps

@@ -15,6 +15,7 @@ by `train/patches.applied`; the per-forward ones (fused head + CE, the trimmed l
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -68,22 +69,45 @@ def _packed_row(batch: dict) -> bool:
 class Objective(nn.Module):
     """`forward(batch) -> LossSums` for a model of one task kind, with the speed levers of `perf`."""
 
-    def __init__(self, model: nn.Module, task: str, perf: PerfConfig | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        task: str,
+        perf: PerfConfig | None = None,
+        loss_weights: Sequence[float] | None = None,
+    ):
         super().__init__()
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
         self.model = model
         self.task = task
         self.perf = perf or PerfConfig()
+        # Multi-task: each target's loss times its task's weight (a batch's `task_ids` say whose it is). All 1 (or
+        # none): the plain path, untouched. The count stays the number of targets, so the loop's step loss is
+        # sum(w * loss) / targets.
+        weighted = loss_weights is not None and any(w != 1.0 for w in loss_weights)
+        self.loss_weights = torch.tensor(loss_weights, dtype=torch.float32) if weighted else None
+
+    def _target_weights(self, batch: dict[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor | None:
+        """Per-target loss weights shaped like `like` (B, T) or (B,), from `task_ids`; None: unweighted."""
+        ids = batch.get("task_ids")  # (B,) one task per row, or (1, N) per token of a packed row
+        if self.loss_weights is None or ids is None:
+            return None
+        w = self.loss_weights.to(like.device)[ids]
+        return w.reshape(-1, *([1] * (like.dim() - 1))).expand_as(like) if ids.dim() == 1 else w
 
     def forward(self, batch: dict[str, torch.Tensor]) -> LossSums:
+        weights = None
+        if "task_ids" in batch:  # whose each row/token is: for the loss (and routing), never a model input
+            weights = self._target_weights(batch, batch["labels"])
+            batch = {k: v for k, v in batch.items() if k != "task_ids"}
         if self.task == "causal-lm":
-            return self._causal_lm(batch)
+            return self._causal_lm(batch, weights)
         if self.task == "seq2seq":
-            return self._seq2seq(batch)
-        return self._seq_cls(batch)
+            return self._seq2seq(batch, weights)
+        return self._seq_cls(batch, weights)
 
-    def _causal_lm(self, batch: dict[str, torch.Tensor]) -> LossSums:
+    def _causal_lm(self, batch: dict[str, torch.Tensor], weights: torch.Tensor | None = None) -> LossSums:
         perf, model = self.perf, self.model
         labels = batch["labels"]  # (B, T)
         inputs = {k: v for k, v in batch.items() if k in _INPUTS}
@@ -111,11 +135,21 @@ class Objective(nn.Module):
         n = int(y.numel())
         if n == 0:
             return LossSums(hidden.sum() * 0.0, 0)
-        head = model.get_output_embeddings()
+        if weights is None:
+            return LossSums(self._lm_head_sum(h, y), n)
+        w = weights[:, 1:][mask]  # (N,): the weight of each target's task
+        # Targets grouped by weight value, each group's plain sum scaled: exact, and the fused kernel stays as is.
+        total = sum(v * self._lm_head_sum(h[w == v], y[w == v]) for v in sorted(set(w.tolist())))
+        return LossSums(total, n)
+
+    def _lm_head_sum(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy of the LM head on hidden rows h (N, H) against targets y (N,)."""
+        perf, n = self.perf, int(y.numel())
+        head = self.model.get_output_embeddings()
         chunk = perf.loss_chunk_size
         if perf.fused_loss and _fusable(head):
-            return LossSums(linear_cross_entropy_sum(h, head.weight, head.bias, y, chunk), n)
-        total = hidden.new_zeros((), dtype=torch.float32)
+            return linear_cross_entropy_sum(h, head.weight, head.bias, y, chunk)
+        total = h.new_zeros((), dtype=torch.float32)
         for start in range(0, n, chunk):
             hs, ys = h[start : start + chunk], y[start : start + chunk]
             if torch.is_grad_enabled() and n > chunk:
@@ -123,18 +157,27 @@ class Objective(nn.Module):
                 total = total + checkpoint(_head_ce_sum, head, hs, ys, use_reentrant=False)
             else:
                 total = total + _head_ce_sum(head, hs, ys)
-        return LossSums(total, n)
+        return total
 
-    def _seq2seq(self, batch: dict[str, torch.Tensor]) -> LossSums:
+    def _seq2seq(self, batch: dict[str, torch.Tensor], weights: torch.Tensor | None = None) -> LossSums:
         labels = batch["labels"]  # (B, T_out), IGNORE on pad
         logits = self.model(**{k: v for k, v in batch.items() if k != "labels"}, labels=labels).logits.float()
-        loss = F.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
-        )
+        flat = logits.reshape(-1, logits.shape[-1])  # (B * T_out, V)
+        if weights is None:
+            loss = F.cross_entropy(flat, labels.reshape(-1), ignore_index=IGNORE, reduction="sum")
+        else:
+            y = labels.reshape(-1)  # (B * T_out,)
+            loss = (
+                F.cross_entropy(flat, y, ignore_index=IGNORE, reduction="none") * weights.reshape(-1)
+            ).sum()
         return LossSums(loss, int((labels != IGNORE).sum()))
 
-    def _seq_cls(self, batch: dict[str, torch.Tensor]) -> LossSums:
+    def _seq_cls(self, batch: dict[str, torch.Tensor], weights: torch.Tensor | None = None) -> LossSums:
         labels = batch["labels"]  # (B,)
         logits = self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()  # (B, C)
         correct = int((logits.argmax(-1) == labels).sum())
-        return LossSums(F.cross_entropy(logits, labels, reduction="sum"), int(labels.numel()), correct)
+        if weights is None:
+            loss = F.cross_entropy(logits, labels, reduction="sum")
+        else:
+            loss = (F.cross_entropy(logits, labels, reduction="none") * weights).sum()
+        return LossSums(loss, int(labels.numel()), correct)
