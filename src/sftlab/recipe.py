@@ -22,13 +22,14 @@ from .data import EncodedData
 from .data import load_data as _read_and_encode
 from .data.mixture import mixture_table
 from .data.tasks import TaskSet, load_tasks
+from .errors import RunDirError
 from .methods._targets import count_parameters
 from .models import check_positions, enable_activation_checkpointing
-from .rundir import check_run_dir, started_run
+from .rundir import check_run_dir, owned_entries, started_run
 from .runs import method_of, save_final
 from .threads import choose_threads
+from .train.checkpoint import list_checkpoints
 from .train.loop import Trainer, TrainingDiverged
-
 
 # -- the steps ------------------------------------------------------------------------------------------
 
@@ -111,9 +112,52 @@ def prepare(cfg: RunConfig, log=print):
     return model, tokenizer, train_data, eval_data
 
 
-def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log=print) -> dict:
-    """Train per `cfg`; returns the summary (also written to summary.json)."""
+def resume_mode(cfg: RunConfig, resume: bool, resume_or_start: bool, overwrite: bool) -> tuple[bool, bool]:
+    """(resume, overwrite) for this run: `--resume` needs a checkpoint to resume from; `--resume-or-start` resumes
+    when there is one and otherwise starts over (replacing a run that never wrote one, not a finished run)."""
+    run_dir = Path(cfg.train.output_dir)
+    ckpts = list_checkpoints(run_dir / "checkpoints")
+    finished = (run_dir / "final").exists()
+    if resume_or_start:
+        if ckpts:
+            return True, False
+        if finished and not overwrite:
+            raise RunDirError(
+                f"{run_dir} holds a finished run (final/) and no checkpoint to resume from; "
+                "pass --overwrite to replace it, or choose another train.output_dir"
+            )
+        return False, owned_entries(run_dir) is not None or overwrite
+    if resume and not ckpts:
+        if finished:
+            why = "the run there finished without writing checkpoints (train.save_every unset)"
+        elif (run_dir / "config.yaml").exists():
+            why = "the run there stopped before its first checkpoint was complete"
+        else:
+            why = "no run has been started there"
+        raise RunDirError(
+            f"--resume: there is no checkpoint in {run_dir / 'checkpoints'} ({why}); drop --resume to start a "
+            "new run, or pass --resume-or-start to resume when there is a checkpoint and start otherwise"
+        )
+    return resume, overwrite
+
+
+def train(
+    cfg: RunConfig,
+    resume: bool = False,
+    overwrite: bool = False,
+    log=print,
+    resume_or_start: bool = False,
+) -> dict:
+    """Train per `cfg`; returns the summary (also written to summary.json). `resume` continues the run's newest
+    checkpoint that verifies (RunDirError when it has none); `resume_or_start` resumes when there is a checkpoint
+    and starts over otherwise."""
     t_start = time.perf_counter()
+    resume, overwrite = resume_mode(cfg, resume, resume_or_start, overwrite)
+    if resume_or_start:
+        where = Path(cfg.train.output_dir) / "checkpoints"
+        log(
+            f"--resume-or-start: {'resuming from' if resume else 'no checkpoint, starting a new run in'} {where}"
+        )
     check_run_dir(cfg, resume, overwrite)  # refuse before loading anything; nothing is written until fit
     torch.set_num_threads(choose_threads(cfg.train.threads, log))
     random.seed(cfg.train.seed)
@@ -154,6 +198,7 @@ def train(cfg: RunConfig, resume: bool = False, overwrite: bool = False, log=pri
             "total_steps": trainer.total_steps,
             "train_loss": state.last_loss,
             **state.last_eval,
+            "warnings": state.warnings,
             "tokens": state.tokens,
             "supervised_tokens": state.supervised,
             "train_time_s": state.train_time,

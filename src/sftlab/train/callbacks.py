@@ -3,12 +3,13 @@ stopping, checkpoints. The loop calls them in order; each reads and writes only 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .metrics import plot_loss
+from .metrics import MetricsLog, plot_loss
 from .progress import Progress
 
 if TYPE_CHECKING:
@@ -69,21 +70,63 @@ class MetricsCallback(Callback):
 
 
 @dataclass
+class FlatLossCallback(Callback):
+    """Warns (log, metrics.jsonl, summary) when the training loss has not moved for `steps` steps: on different
+    batches that means the model's output no longer depends on its input, as after an extreme learning rate
+    (lr 1e6 sends tiny-llama to the uniform distribution, loss = ln(vocab) on every batch)."""
+
+    steps: int = 10
+    rel_tol: float = 1e-5
+
+    def on_step_end(self, trainer: Trainer, result: StepResult) -> None:
+        s, loss = trainer.state, result.loss
+        if result.supervised == 0 or not math.isfinite(loss):
+            return
+        if s.flat_loss is None or abs(loss - s.flat_loss) > self.rel_tol * abs(s.flat_loss):
+            s.flat_loss, s.flat_since = loss, s.step
+            return
+        if s.flat_since is not None and s.step - s.flat_since + 1 == self.steps:
+            msg = (
+                f"the loss has not moved for {self.steps} steps ({s.flat_loss:.6g} since step {s.flat_since}, "
+                f"lr {result.lr:g}): the model has likely collapsed"
+                + ("; try a lower train.lr" if result.lr >= 1e-2 else "")
+            )
+            s.warnings.append(msg)
+            trainer.metrics.write({"step": s.step, "warning": msg})
+            trainer.log(f"warning: {msg}")
+
+
+@dataclass
 class EvalCallback(Callback):
-    """Held-out loss every `every` steps and at the end; asks the loop to stop after `patience` evals without a
-    new best."""
+    """Held-out loss every `every` steps and at the last step; asks the loop to stop after `patience` evals without
+    a new best. The last step's eval runs before its checkpoint is written, so a run resumed from that checkpoint
+    does not evaluate (and log) the same step twice."""
 
     every: int | None
     patience: int | None
 
     def on_step_end(self, trainer: Trainer, result: StepResult) -> None:
         step = trainer.state.step
-        if self.every and step % self.every == 0 and step < trainer.total_steps and self._eval(trainer):
+        if step >= trainer.total_steps:
+            self._eval(trainer)  # the final eval; patience no longer matters
+        elif self.every and step % self.every == 0 and self._eval(trainer):
             trainer.log(f"early stopping at step {step}: no eval improvement in {self.patience} evals")
             trainer.should_stop = True
 
     def on_train_end(self, trainer: Trainer) -> None:
-        self._eval(trainer)
+        s = trainer.state
+        if s.eval_step == s.step:
+            return
+        # A checkpoint written between the last step and its eval (Ctrl-C), or by an sftlab that evaluated after the
+        # final checkpoint: reuse the eval row metrics.jsonl already holds for this step rather than add another.
+        logged = [
+            r for r in MetricsLog.read(trainer.metrics.path) if r.get("step") == s.step and "eval_loss" in r
+        ]
+        if logged:
+            s.last_eval = {k: v for k, v in logged[-1].items() if k != "step"}
+            s.eval_step = s.step
+        else:
+            self._eval(trainer)
 
     def _eval(self, trainer: Trainer) -> bool:
         """Evaluate and record; True when patience ran out."""
@@ -91,7 +134,7 @@ class EvalCallback(Callback):
         if not res:
             return False
         s = trainer.state
-        s.last_eval = res
+        s.last_eval, s.eval_step = res, s.step
         trainer.metrics.write({"step": s.step, **res})
         trainer.log(f"step {s.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in res.items()))
         if s.best_eval is None or res["eval_loss"] < s.best_eval:
@@ -103,7 +146,8 @@ class EvalCallback(Callback):
 
 @dataclass
 class CheckpointCallback(Callback):
-    """A checkpoint every `every` steps, and one at an interrupt (the loop has rewound to the step's start)."""
+    """A checkpoint every `every` steps, and one at an interrupt (the loop has rewound to the step's start) unless
+    that state is already on disk."""
 
     every: int | None
 
@@ -112,7 +156,16 @@ class CheckpointCallback(Callback):
             trainer.save()
 
     def on_interrupt(self, trainer: Trainer) -> None:
-        path = trainer.save()
+        step = trainer.state.step
+        if trainer.save_abandoned:
+            trainer.log(f"interrupted: checkpoint step-{step} abandoned; --resume starts from the one before")
+            return
+        if trainer.saved_step == step:
+            path = trainer.ckpt_root / f"step-{step}"
+        else:
+            path = trainer.save(interrupting=True)
+            if path is None:  # weights not finite: nothing written (the trainer said so)
+                return
         trainer.log(
             f"interrupted: checkpoint saved to {path}; continue with `sftlab train <config> --resume`"
         )

@@ -1,14 +1,17 @@
 """The training loop: sampler -> step -> callbacks (metrics, eval, checkpoints), with exact resume.
 
 A step accumulates its passes with per-token normalisation (the gradient of the whole batch), clips, and steps
-the optimizer and schedule; a NaN stops the run with the last good checkpoint kept; Ctrl-C rewinds to the
-step's start and saves, so resume replays it. The loop sees an `Objective` (model + loss in one module, which
-DDP/FSDP can wrap) and encoded examples; it knows nothing about which method made the trainable parameters.
+the optimizer and schedule; a NaN loss, or weights that are not finite when a checkpoint is due, stops the run
+and names the newest checkpoint that verifies; Ctrl-C rewinds to the step's start and saves, so resume replays
+it. Resume takes the newest checkpoint that verifies (checkpoint.py) and drops the newer ones it passed over.
+The loop sees an `Objective` (model + loss in one module, which DDP/FSDP can wrap) and encoded examples; it
+knows nothing about which method made the trainable parameters.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,9 +23,19 @@ from torch import nn
 
 from ..config import PerfConfig, TrainConfig
 from ..data.mixture import Mixture
+from ..errors import CheckpointError
 from . import patches
-from .callbacks import Callback, CheckpointCallback, EvalCallback, MetricsCallback
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .callbacks import Callback, CheckpointCallback, EvalCallback, FlatLossCallback, MetricsCallback
+from .checkpoint import (
+    NonFiniteCheckpoint,
+    apply_checkpoint,
+    list_checkpoints,
+    newest_good,
+    remove_partial,
+    save_checkpoint,
+    sigint_deferred,
+    step_of,
+)
 from .eval_loss import eval_loss
 from .metrics import MetricsLog
 from .mixture_stream import make_stream
@@ -32,7 +45,7 @@ from .packing import resolve_packing
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN/inf; the last good checkpoint is kept."""
+    """The loss or the weights became NaN/inf; the message names the newest good checkpoint (or says none is)."""
 
 
 @dataclass
@@ -47,6 +60,10 @@ class LoopState:
     bad_evals: int = 0
     last_loss: float | None = None
     last_eval: dict = field(default_factory=dict)
+    eval_step: int | None = None  # the step last_eval was measured at
+    flat_since: int | None = None  # first step of the current stretch of unchanged loss (FlatLossCallback)
+    flat_loss: float | None = None
+    warnings: list[str] = field(default_factory=list)
     status: str = "running"
 
     def to_dict(self) -> dict:
@@ -70,6 +87,7 @@ class StepResult(NamedTuple):
 def default_callbacks(cfg: TrainConfig) -> list[Callback]:
     return [
         MetricsCallback(cfg.log_every, cfg.progress),
+        FlatLossCallback(),
         EvalCallback(cfg.eval_every, cfg.early_stopping_patience),
         CheckpointCallback(cfg.save_every),
     ]
@@ -114,6 +132,9 @@ class Trainer:
             self.callbacks = default_callbacks(c)
         self.should_stop = False
         self.resumed: bool | None = None  # set by resume(): whether a checkpoint was restored
+        self.saved_step: int | None = None  # the step whose state is on disk (saved or resumed from)
+        self.save_abandoned = False  # the last save was cut short by a second Ctrl-C
+        self._stale: list[Path] = []  # checkpoints newer than the one resumed from (they failed to verify)
 
     # -- one optimizer step ---------------------------------------------------------------------------
     def train_step(self, passes: list[dict]) -> tuple[float, int, int]:
@@ -152,8 +173,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.state.status = "diverged"
             raise TrainingDiverged(
-                f"loss is {loss} at step {self.state.step + 1}; stopped. The last good checkpoint is kept "
-                f"in {self.ckpt_root}. Try a lower train.lr."
+                f"loss is {loss} at step {self.state.step + 1}; stopped. {self.good_checkpoint_note()} "
+                "Try a lower train.lr."
             )
         lr = self.scheduler.get_last_lr()[0]
         gnorm = self._optimizer_step()
@@ -167,27 +188,68 @@ class Trainer:
         return StepResult(loss, n_sup, real, lr, gnorm, dt, passes)
 
     # -- checkpoints and eval -------------------------------------------------------------------------
-    def save(self) -> Path:
-        return save_checkpoint(
-            self.ckpt_root,
-            self.state.step,
-            self.model,
-            self.optimizer,
-            self.scheduler,
-            self.state.to_dict(),
-            self.cfg.keep_last,
-        )
+    def save(self, interrupting: bool = False) -> Path | None:
+        """Checkpoint the current state. A Ctrl-C during the write lets it finish and then stops the run (unless this
+        save is the interrupt's own); weights that are not finite stop it as diverged, writing nothing (the
+        interrupt's own save only says so and returns None)."""
+        step = self.state.step
+        self.save_abandoned = False
+        try:
+            with sigint_deferred(f"step-{step}") as pressed:
+                path = save_checkpoint(
+                    self.ckpt_root,
+                    step,
+                    self.model,
+                    self.optimizer,
+                    self.scheduler,
+                    self.state.to_dict(),
+                    self.cfg.keep_last,
+                )
+        except KeyboardInterrupt:  # Ctrl-C pressed twice: the user gave up on this checkpoint
+            self.save_abandoned = True
+            raise
+        except NonFiniteCheckpoint as e:
+            self.state.status = "diverged"
+            if interrupting:
+                self.log(f"interrupted: {e}. {self.good_checkpoint_note()}")
+                return None
+            raise TrainingDiverged(
+                f"{e}; stopped. {self.good_checkpoint_note()} Try a lower train.lr."
+            ) from None
+        self.saved_step = step
+        if pressed() and not interrupting:
+            raise KeyboardInterrupt
+        return path
+
+    def good_checkpoint_note(self) -> str:
+        """Which checkpoint a diverged run can go back to: the newest that verifies (finite, checksums match)."""
+        good, _ = newest_good(self.ckpt_root)
+        if good is None:
+            return f"No good checkpoint: none in {self.ckpt_root} verifies."
+        return f"The newest good checkpoint is {good.path} (step {good.step})."
 
     def resume(self) -> bool:
+        """Restore the newest checkpoint that verifies, saying which newer ones were passed over and why; False when
+        there is none at all, CheckpointError when none verifies or it does not fit this model."""
         ckpts = list_checkpoints(self.ckpt_root)
         if not ckpts:
             self.resumed = False
             return False
-        raw = load_checkpoint(ckpts[-1], self.model, self.optimizer, self.scheduler)
+        ckpt, rejected = newest_good(self.ckpt_root, self.log)
+        if ckpt is None:
+            raise CheckpointError(
+                f"no checkpoint in {self.ckpt_root} can be resumed from: " + "; ".join(rejected)
+            )
+        if ckpt.note:
+            self.log(f"note: {ckpt.note}")
+        raw = apply_checkpoint(ckpt, self.model, self.optimizer, self.scheduler)
         self.resumed = True
+        self.saved_step = ckpt.step
+        self._stale = [p for p in ckpts if step_of(p) > ckpt.step]
         self.state = LoopState(**{k: raw[k] for k in LoopState().to_dict() if k in raw})
         self.state.status = "running"
-        self.log(f"resumed from {ckpts[-1]} (step {self.state.step}, epoch {self.state.epoch})")
+        newest = "" if not rejected else f" (the newest that verifies; {len(rejected)} newer skipped)"
+        self.log(f"resumed from {ckpt.path} (step {self.state.step}, epoch {self.state.epoch}){newest}")
         return True
 
     def run_eval(self) -> dict:
@@ -204,12 +266,23 @@ class Trainer:
         if resume and self.resumed is None:
             self.resume()
         resumed = bool(self.resumed)
+        self._tidy_checkpoints()
         self.metrics = MetricsLog(
             self.run_dir / "metrics.jsonl", resume_step=self.state.step if resumed else None
         )
         with patches.applied(self.model, self.perf):
             self._loop()
         return self.state
+
+    def _tidy_checkpoints(self) -> None:
+        """Once the run has started: drop what interrupted writes left, and the checkpoints newer than the one
+        resumed from (they failed to verify; the run replays their steps)."""
+        for p in remove_partial(self.ckpt_root):
+            self.log(f"removed {p.name}, left by an interrupted checkpoint write")
+        for p in self._stale:
+            shutil.rmtree(p, ignore_errors=True)
+            self.log(f"removed {p.name}, which did not verify (the run replays its steps)")
+        self._stale = []
 
     def _loop(self) -> None:
         callbacks = self.callbacks or []
