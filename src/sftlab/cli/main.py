@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import os
 import sys
+
+# Only modules the interpreter has loaded before any of ours (os, sys) are imported here: a Ctrl-C while this
+# module loads would escape main()'s handler and print a traceback, so the rest (even typing) loads inside it.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
 
 SUBCOMMANDS = ["train", "eval", "generate", "merge", "convert", "quickstart"]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
+    import importlib
+
     parser = argparse.ArgumentParser(
         prog="sftlab", description="Supervised fine-tuning of pretrained transformers."
     )
@@ -21,6 +28,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; a Ctrl-C anywhere (start-up imports, model loading, training) exits 130 quietly."""
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(argv: list[str] | None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from ..threads import set_wait_policy
 
@@ -36,9 +52,6 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":
