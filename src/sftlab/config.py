@@ -647,17 +647,22 @@ def _config_relative_paths(raw: dict, config: Path) -> None:
     """Relative paths resolve against the working directory only. Before, a data path missing there was looked up
     beside the config; name the path that meant, rather than silently reading another file or none."""
     data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
-    for k in ("train", "eval"):
-        v = data.get(k)
-        if not isinstance(v, str) or not v.strip() or Path(os.path.expanduser(v)).exists():
-            continue
-        beside = config.parent / v
-        if not Path(v).is_absolute() and beside.exists():
-            raise ConfigError(
-                f"{config}: data.{k}: {v!r} does not exist from the working directory ({os.getcwd()}); relative paths "
-                f"in a config resolve against the working directory, not the config's folder: did you mean "
-                f"{os.path.relpath(beside)!r}?"
-            )
+    tasks = data.get("tasks") if isinstance(data.get("tasks"), list) else []
+    sections = [("data", data)] + [
+        (f"data.tasks[{i}]", t) for i, t in enumerate(tasks) if isinstance(t, dict)
+    ]
+    for where, section in sections:
+        for k in ("train", "eval"):
+            v = section.get(k)
+            if not isinstance(v, str) or not v.strip() or Path(os.path.expanduser(v)).exists():
+                continue
+            beside = config.parent / v
+            if not Path(v).is_absolute() and beside.exists():
+                raise ConfigError(
+                    f"{config}: {where}.{k}: {v!r} does not exist from the working directory ({os.getcwd()}); "
+                    "relative paths in a config resolve against the working directory, not the config's folder: "
+                    f"did you mean {os.path.relpath(beside)!r}?"
+                )
 
 
 def load_config(

@@ -21,7 +21,7 @@ from .config import RunConfig
 from .data import EncodedData
 from .data import load_data as _read_and_encode
 from .data.mixture import mixture_table
-from .data.tasks import TaskSet, load_tasks
+from .data.tasks import TaskSet, load_tasks, longest_max_length
 from .errors import RunDirError
 from .methods._targets import count_parameters
 from .models import check_positions, enable_activation_checkpointing
@@ -107,7 +107,8 @@ def prepare(cfg: RunConfig, log=print):
     train_data, eval_data = load_data(cfg, tokenizer, log)
     model = load_base(cfg, tokenizer, train_data.label_names)
     virtual = getattr(cfg.method, "num_virtual_tokens", 0) or 0  # prompt/prefix methods take positions too
-    check_positions(model, cfg.data.max_length, "data.max_length", virtual, f"method {cfg.method.name}")
+    length, key = longest_max_length(cfg.data)
+    check_positions(model, length, key, virtual, f"method {cfg.method.name}")
     apply_method(model, cfg, tokenizer)
     return model, tokenizer, train_data, eval_data
 

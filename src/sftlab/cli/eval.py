@@ -27,10 +27,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..data import load_data
+    from ..errors import ConfigError
     from ..eval.evaluate import evaluate
     from ..runs import load_run
 
     model, tok, cfg = load_run(args.run_dir, trust_remote_code=args.trust_remote_code)
+    if cfg.data.tasks is not None and not args.data:
+        names = ", ".join(t.name for t in cfg.data.tasks)
+        raise ConfigError(
+            f"{args.run_dir} was trained on a mixture of tasks ({names}); pass --data FILE (and --format if it is "
+            f"not {cfg.data.format}) to evaluate on one file"
+        )
     data_cfg = cfg.data.model_copy(
         update={
             "train": args.data or cfg.data.eval or cfg.data.train,

@@ -149,6 +149,14 @@ def load_tasks(
     return train, _join(evals, names)
 
 
+def longest_max_length(data_cfg: Any) -> tuple[int, str]:
+    """The largest max_length a run encodes to, and its config key (a task's, or data.max_length)."""
+    if not data_cfg.tasks:
+        return data_cfg.max_length, "data.max_length"
+    i = max(range(len(data_cfg.tasks)), key=lambda j: data_cfg.tasks[j].max_length)
+    return data_cfg.tasks[i].max_length, f"data.tasks[{i}].max_length"
+
+
 def task_ids(examples: list[dict], packed: bool) -> torch.Tensor:
     """Each row's task (B,) for a padded batch; each token's (1, N) for a packed row (examples of several tasks)."""
     if packed:

@@ -10,6 +10,10 @@ batch (DESIGN.md), and evaluation per token across the eval set. Every method ke
 aligned with `input_ids` (methods that prepend virtual tokens strip them from the output), so one causal path
 serves all of them. The process-wide levers (varlen attention, fused RoPE, oneDNN GEMMs) are applied around it
 by `train/patches.applied`; the per-forward ones (fused head + CE, the trimmed last MLP) are its own.
+
+Multi-task batches carry `task_ids` (each row's task, or each token's in a packed row), which never reach the
+model. With per-task `loss_weights` the sum is sum(w_task * token loss) and the count stays the number of targets,
+so the loop's step loss is that weighted sum over the supervised tokens; with all weights 1 the plain path runs.
 """
 
 from __future__ import annotations

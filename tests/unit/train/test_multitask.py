@@ -335,6 +335,11 @@ def test_sftlab_train_runs_a_mixture_end_to_end(tmp_path, capsys):
     assert [t["task"] for t in summary["tasks"]] == ["a", "more"] and summary["status"] == "completed"
     assert (run / "final" / "model.safetensors").exists() and "eval_loss" in summary
     assert load_config(run / "config.yaml", migrate=True).data.tasks[1].name == "more"
+    capsys.readouterr()
+    assert main(["eval", str(run)]) == 2  # which task? (per-task eval is not built yet)
+    assert "trained on a mixture of tasks (a, more); pass --data FILE" in capsys.readouterr().err
+    assert main(["eval", str(run), "--data", str(tmp_path / "more.jsonl")]) == 0
+    assert json.loads(capsys.readouterr().out)["examples"] == 6
 
 
 def test_seq2seq_mixture_trains(tmp_path):
@@ -342,3 +347,48 @@ def test_seq2seq_mixture_trains(tmp_path):
     del raw["data"]["tasks"][1]  # multi-turn chats have no single source/target pair
     summary = train(build_config(raw), log=lambda *_: None)
     assert summary["status"] == "completed" and summary["steps"] == 2
+
+
+def test_a_task_path_found_only_beside_the_config_is_named(tmp_path, monkeypatch):
+    raw = _raw(tmp_path)
+    raw["data"]["tasks"][1]["train"] = "data/b.jsonl"  # exists beside mt.yaml, not in the working directory
+    path = tmp_path / "mt.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(ConfigError, match=r"data\.tasks\[1\]\.train: 'data/b.jsonl' does not exist"):
+        load_config(path)
+
+
+def test_a_task_max_length_beyond_the_positions_names_the_task_key(tmp_path):
+    from sftlab.errors import ModelError
+    from sftlab.recipe import prepare
+
+    raw = _raw(tmp_path, "tiny-gpt2")  # learned positions: a hard limit (rotary LLaMA has none)
+    raw["data"]["tasks"][2]["max_length"] = 10**6
+    with pytest.raises(ModelError, match=r"data\.tasks\[2\]\.max_length=1000000"):
+        prepare(build_config(raw), log=lambda *_: None)
+
+
+ROOT = Path(__file__).resolve().parents[3]
+SHIPPED = ROOT / "examples" / "multitask" / "sst2-agnews.yaml"
+
+
+def test_shipped_multitask_config_validates():
+    assert SHIPPED.read_text().startswith(f"# sftlab train examples/multitask/{SHIPPED.name}")
+    cfg = load_config(SHIPPED)
+    assert [t.name for t in cfg.data.tasks] == [
+        "sst2",
+        "agnews",
+    ] and cfg.data.mixing.strategy == "temperature"
+
+
+def test_shipped_multitask_config_trains_on_the_real_files(shared_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)  # its data paths are relative to the repo root
+    cfg = load_config(SHIPPED, [f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2", "train.eval_every=2",
+                                "train.save_every=2", "train.warmup_steps=0", "train.progress=false", "train.threads=1"])  # fmt: skip
+    for t in cfg.data.tasks:
+        t.limit = 40
+    summary = train(cfg)
+    assert summary["status"] == "completed" and [t["task"] for t in summary["tasks"]] == ["sst2", "agnews"]
+    assert "agnews" in capsys.readouterr().out
