@@ -42,6 +42,7 @@ def _run(argv: list[str] | None) -> int:
 
     set_wait_policy()  # idle OpenMP threads sleep, not spin (threads.py); before anything imports torch
     args = build_parser().parse_args(argv)
+    import_libraries()
     from ..errors import SftlabError
 
     try:
@@ -52,6 +53,29 @@ def _run(argv: list[str] | None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def import_libraries() -> None:
+    """Import torch and transformers' model and tokenizer code with Ctrl-C as an immediate quiet exit (130). An
+    interrupt inside numpy's or torch's C-extension start-up leaves them half-loaded, and transformers' lazy loader
+    then reports a ModuleNotFoundError/RecursionError traceback, not a KeyboardInterrupt; nothing is written yet,
+    so leaving at once loses nothing."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def leave(signum, frame):
+        os.write(2, b"interrupted\n")
+        os._exit(130)
+
+    old = signal.signal(signal.SIGINT, leave)
+    try:
+        import torch  # noqa: F401
+        from transformers import PreTrainedModel, PreTrainedTokenizerBase  # noqa: F401
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 if __name__ == "__main__":

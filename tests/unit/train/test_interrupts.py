@@ -149,3 +149,23 @@ def _overrides(cfg) -> list[str]:
         "train.threads=1",
         "train.max_steps=2",
     ]
+
+
+def test_the_libraries_are_imported_with_ctrl_c_as_a_quiet_exit():
+    """Ctrl-C inside numpy's/torch's C-extension start-up leaves them half-loaded (a traceback from transformers'
+    lazy loader, not a KeyboardInterrupt): the CLI imports them first, with SIGINT meaning exit 130 at once."""
+    code = """
+import os, signal, sys, builtins
+real = builtins.__import__
+def hooked(name, *a, **k):
+    if name == "torch" and "torch" not in sys.modules:
+        assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler, "torch imported unshielded"
+        os.kill(os.getpid(), signal.SIGINT)
+    return real(name, *a, **k)
+builtins.__import__ = hooked
+from sftlab.cli.main import main
+sys.exit(main(["train", "no-such-config.yaml"]))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr == "interrupted\n"
