@@ -6,19 +6,22 @@ Example counts are kept small so the fast tier stays fast; HYPOTHESIS_PROFILE=de
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import string
+from pathlib import Path
 
 import pytest
 import yaml
-from helpers import alpaca_rows, classification_rows, messages_rows, seq2seq_rows
+from helpers import alpaca_rows, classification_rows, make_config, messages_rows, seq2seq_rows
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from sftlab import hub  # noqa: E402
+from sftlab.cli.main import main  # noqa: E402
 from sftlab.config import DataConfig, load_config  # noqa: E402
 from sftlab.data import load_data  # noqa: E402
 from sftlab.errors import SftlabError  # noqa: E402
@@ -210,3 +213,96 @@ def test_any_yaml_text_loads_or_gives_a_config_error(tmp_path_factory, text):
         load_config(path)
     except SftlabError as e:
         assert str(e).strip()
+
+
+# -- failed commands leave an existing run as it was -----------------------------------------------------------
+
+
+def _tree(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def good_run(tmp_path_factory):
+    from sftlab.config import save_config
+    from sftlab.recipe import train
+
+    tmp = tmp_path_factory.mktemp("good")
+    cfg = make_config(
+        tmp, train={"max_steps": 2, "save_every": 1, "eval_every": 1}, data={"eval_fraction": 0.25}
+    )
+    assert train(cfg, log=lambda *_: None)["status"] == "completed"
+    save_config(cfg, tmp / "user.yaml")
+    return tmp, Path(cfg.train.output_dir)
+
+
+@st.composite
+def failing_commands(draw, tmp: Path, run: Path):
+    """argv lists that must fail against the good run: bad data, bad values, bad targets."""
+    kind = draw(st.sampled_from(["train-data", "train-value", "eval", "generate", "merge"]))
+    cfg = str(tmp / "user.yaml")
+    if kind == "train-data":
+        suffix, content = draw(data_files())
+        bad = tmp / f"bad-{draw(st.integers(0, 10**9))}{suffix}"
+        bad.write_bytes(content)
+        mode = draw(st.sampled_from(["--overwrite", "--resume"]))
+        # an empty file and a file of a single valid record may train; such inputs are not "failing" by construction
+        return [
+            "train",
+            cfg,
+            f"data.train={bad}",
+            "data.eval_fraction=0",
+            "train.max_steps=3",
+            "data.format=messages",
+            mode,
+        ]
+    if kind == "train-value":
+        key, value = draw(
+            st.sampled_from(
+                [
+                    ("train.max_grad_norm", "-1"), ("train.lr", "-1"), ("train.batch_size", "0"),
+                    ("train.betas", "[1.5, 0.9]"), ("model.task", "nope"), ("method.name", "lorra"),
+                    ("data.max_length", "0"), ("train.keep_last", "0"), ("model.name", "no/such-model-xyz"),
+                    ("train.output_dir", "''"), ("data.format", "seq2seq"),
+                    ("method.name", "lora"), ("model.name", "tiny-gpt2"),  # --resume: the checkpoint does not fit
+                ]
+            )
+        )  # fmt: skip
+        mode = draw(st.sampled_from(["--overwrite", "--resume"]))
+        return ["train", cfg, f"{key}={value}", mode]
+    if kind == "eval":
+        bad = draw(
+            st.sampled_from(
+                [["--batch-size", "0"], ["--data", str(tmp / "missing.jsonl")], ["--batch-size", "-3"]]
+            )
+        )
+        return ["eval", str(run), *bad]
+    if kind == "generate":
+        bad = draw(
+            st.sampled_from([["--temperature", "-1"], ["--max-new-tokens", "0"], ["--max-new-tokens", "-5"]])
+        )
+        return ["generate", str(run), "hi", *bad]
+    out = draw(st.sampled_from([run / "final", run, run / "config.yaml", run / "checkpoints"]))
+    return ["merge", str(run), str(out)]
+
+
+@settings(max_examples=max(25, settings.default.max_examples // 4))  # a run per example: fewer
+@given(data=st.data())
+def test_a_failed_command_leaves_the_run_byte_identical(good_run, data, capsys):
+    tmp, run = good_run
+    before = _tree(run)
+    argv = data.draw(failing_commands(tmp, run))
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse rejects a bad option value with exit 2
+        rc = e.code
+    capsys.readouterr()
+    fuzzed_data = argv[0] == "train" and argv[2].startswith("data.train=")
+    if fuzzed_data and rc == 0:
+        return  # the mutated file happened to be valid data: the run was legitimately replaced or continued
+    assert rc != 0, f"{argv} should have failed"
+    assert _tree(run) == before, f"{argv} changed the run directory"
