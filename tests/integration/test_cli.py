@@ -4,9 +4,10 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import classification_rows, write_jsonl
+from helpers import classification_rows, make_config, write_jsonl
 
 from sftlab.cli.main import main
+from sftlab.config import dump_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CANONICAL = ROOT / "configs" / "tiny-llama" / "full.yaml"
@@ -110,3 +111,31 @@ def test_seq_cls_eval_reports_accuracy(tmp_path, capsys):
     assert main(["eval", str(out)]) == 0
     res = json.loads(capsys.readouterr().out)
     assert 0.0 <= res["eval_accuracy"] <= 1.0 and res["examples"] == 24
+
+
+def test_an_os_error_mid_command_is_one_error_line_naming_the_path(tmp_path, capsys, monkeypatch):
+    import sftlab.recipe
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device", str(tmp_path / "run" / "checkpoints" / "step-4"))
+
+    monkeypatch.setattr(sftlab.recipe, "train", full_disk)
+    cfg = make_config(tmp_path)
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_config(cfg))
+    assert main(["train", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: No space left on device: {tmp_path / 'run' / 'checkpoints' / 'step-4'}"
+
+
+def test_sftlab_warnings_print_as_warning_lines(monkeypatch):
+    import warnings
+
+    from sftlab.cli import main as cli_main
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+    cli_main._plain_warnings()
+    ours = warnings.formatwarning("warmup is longer than the run", UserWarning, "/x/src/sftlab/config.py", 3)
+    theirs = warnings.formatwarning("deprecated", FutureWarning, "/x/transformers/utils.py", 7)
+    assert ours == "warning: warmup is longer than the run\n"
+    assert theirs.startswith("/x/transformers/utils.py:7: FutureWarning: deprecated")

@@ -41,6 +41,7 @@ def _run(argv: list[str] | None) -> int:
     from ..threads import set_wait_policy
 
     set_wait_policy()  # idle OpenMP threads sleep, not spin (threads.py); before anything imports torch
+    _plain_warnings()
     args = build_parser().parse_args(argv)
     import_libraries()
     from ..errors import SftlabError
@@ -53,6 +54,24 @@ def _run(argv: list[str] | None) -> int:
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a disk that fills or a directory made read-only mid-run: the path, not a traceback
+        where = f": {e.filename}" if e.filename else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
+
+
+def _plain_warnings() -> None:
+    """sftlab's own warnings print as `warning: ...` lines, like its errors; other libraries' keep Python's form."""
+    import warnings
+
+    default = warnings.formatwarning
+
+    def fmt(message, category, filename, lineno, line=None):
+        if f"{os.sep}sftlab{os.sep}" in filename:
+            return f"warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = fmt
 
 
 def import_libraries() -> None:
