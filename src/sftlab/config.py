@@ -237,8 +237,9 @@ class TaskConfig(StrictModel):
     )
     metric: Literal["exact", "f1"] | None = Field(
         None,
-        description="Generation metric of the task's evaluation: exact match or token F1 of greedy answers. Not "
-        "computed yet (per-task evaluation comes with the per-task heads and adapters); eval reports loss.",
+        description="Generation metric of the task's evaluation: exact match or token F1 (SQuAD's) of greedy "
+        "answers against the reference answer, on at most train.eval_generate_limit eval examples; both are "
+        "logged, this one is the task's headline. Classification tasks report accuracy instead.",
     )
 
     @field_validator("train", "eval")
@@ -285,6 +286,20 @@ class TrainConfig(StrictModel):
     )
     log_every: int = Field(1, gt=0, description="Log a metrics row every N steps.")
     eval_batch_size: int | None = Field(None, gt=0, description="Default: batch_size.")
+    eval_generate_limit: int = Field(
+        64,
+        ge=0,
+        description="data.tasks: at each eval, greedy answers are generated for at most this many of a task's eval "
+        "examples (its first ones) to score classification-as-text accuracy and a task's `metric` (exact, f1); "
+        "0: no generation, loss only.",
+    )
+    task_grad_cosine_every: int | None = Field(
+        None,
+        gt=0,
+        description="data.tasks: every N steps, log the cosine similarity of each pair of tasks' gradients on that "
+        "step's batch (metrics.jsonl `task_grad_cosine`, task_conflict.png); costs one extra forward and backward "
+        "per task on those steps and leaves training unchanged. null: off.",
+    )
     seed: int = Field(
         0,
         description=f"Seed for init, data order and dropout, in [0, {SEED_MAX}] (numpy's range; the data order "
@@ -445,6 +460,15 @@ class RunConfig(StrictModel):
             raise ValueError(
                 "data.tasks: a seq-cls mixture needs one classification head per task, which is not built yet; "
                 "train the tasks as text for now (model.task causal-lm or seq2seq, each task format classification)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _task_diagnostics(self):
+        if self.train.task_grad_cosine_every is not None and self.data.tasks is None:
+            raise ValueError(
+                "train.task_grad_cosine_every: compares the gradients of data.tasks; a run on one data.train has "
+                "no tasks to compare (drop the key, or list the tasks under data.tasks)"
             )
         return self
 

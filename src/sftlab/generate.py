@@ -74,16 +74,37 @@ def generate(
     if not (isinstance(batch_size, int) and batch_size > 0):
         raise ConfigError(f"generate: batch_size must be a positive integer (got {batch_size!r})")
 
+    is_seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    if chat and data_cfg is not None and not is_seq2seq:
+        ids = [encode_prompt(tokenizer, data_cfg, p) for p in prompts]
+    else:
+        ids = [tokenizer(p, add_special_tokens=is_seq2seq)["input_ids"] for p in prompts]
+    new = generate_ids(
+        model, tokenizer, ids, max_new_tokens, temperature, batch_size, top_p, reserved_positions
+    )
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
+
+
+@torch.no_grad()
+def generate_ids(
+    model: nn.Module,
+    tokenizer,
+    prompts: list[list[int]],
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    batch_size: int = 8,
+    top_p: float = 1.0,
+    reserved_positions: int = 0,
+) -> list[list[int]]:
+    """The new token ids after each prompt (ids, already encoded), `batch_size` prompts at a time: what `generate`
+    decodes, and what per-task evaluation scores (it cuts answers at their terminators itself). Leaves the model
+    in eval mode."""
     model.eval()
     is_seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    outs: list[str] = []
+    outs: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        if chat and data_cfg is not None and not is_seq2seq:
-            ids = [encode_prompt(tokenizer, data_cfg, p) for p in chunk]
-        else:
-            ids = [tokenizer(p, add_special_tokens=is_seq2seq)["input_ids"] for p in chunk]
+        ids = prompts[start : start + batch_size]
         width = max(len(x) for x in ids)
         if is_seq2seq:
             input_ids = torch.tensor([x + [pad_id] * (width - len(x)) for x in ids])
@@ -91,6 +112,8 @@ def generate(
         else:
             input_ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in ids])
             mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+        device = next(model.parameters()).device
+        input_ids, mask = input_ids.to(device), mask.to(device)
         new_tokens = fit_new_tokens(model, width, max_new_tokens, reserved_positions, warn=start == 0)
         kwargs = {"do_sample": temperature > 0, "max_new_tokens": new_tokens, "pad_token_id": pad_id}
         if temperature > 0:
@@ -98,6 +121,8 @@ def generate(
             if top_p < 1:
                 kwargs["top_p"] = top_p
         out = model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
-        new = out if is_seq2seq else out[:, width:]
-        outs.extend(tokenizer.decode(row, skip_special_tokens=True).strip() for row in new)
+        new = (
+            out if is_seq2seq else out[:, width:]
+        )  # (B, new) ; seq2seq rows start with the decoder start token
+        outs.extend(row.tolist() for row in new.cpu())
     return outs

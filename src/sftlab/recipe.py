@@ -30,6 +30,7 @@ from .runs import method_of, save_final
 from .threads import choose_threads
 from .train.checkpoint import list_checkpoints
 from .train.loop import Trainer, TrainingDiverged
+from .train.task_eval import TaskEval, summary_rows, task_specs
 
 # -- the steps ------------------------------------------------------------------------------------------
 
@@ -64,6 +65,28 @@ def describe_mixture(trainer: Trainer, train_data: EncodedData, log=print) -> li
     supervised = [p.stats.get("supervised_tokens", 0) for p in train_data.parts]
     log(mixture_table(mixture, epochs, supervised))
     return mixture.describe(epochs, supervised)
+
+
+def task_evaluation(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> TaskEval | None:
+    """How a multi-task run scores each task's eval set (train/task_eval.py); None for a one-task run."""
+    if cfg.data.tasks is None:
+        return None
+    return TaskEval(
+        task_specs(cfg.data, cfg.model.task),
+        tokenizer,
+        cfg.train.eval_generate_limit,
+        getattr(cfg.method, "num_virtual_tokens", 0) or 0,
+    )
+
+
+def task_table(tasks: list[dict], trainer: Trainer) -> list[dict]:
+    """summary.json's per-task table: the mixture plan's row of each task plus its eval at the last and the best
+    (lowest overall eval loss) evals."""
+    if trainer.task_eval is None:
+        return tasks
+    s = trainer.state
+    evals = summary_rows(trainer.task_eval.tasks, s.task_eval, s.best_task_eval)
+    return [{**row, **evals.get(row["task"], {})} for row in tasks]
 
 
 def load_base(
@@ -179,6 +202,7 @@ def train(
         log=log,
         perf=cfg.perf,
         mixture=getattr(train_data, "mixture", None),
+        task_eval=task_evaluation(cfg, tokenizer),
     )
     tasks = describe_mixture(trainer, train_data, log)
     if resume:
@@ -210,7 +234,7 @@ def train(
             "trainable_share": trainable / total,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "data": train_data.stats,
-            **({"tasks": tasks} if tasks else {}),
+            **({"tasks": task_table(tasks, trainer)} if tasks else {}),
             "run_dir": str(run_dir),
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -11,7 +11,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2] / "src" / "sftlab"
 
 LAYERS = [
-    ["sftlab.strict", "sftlab.gemm", "sftlab.errors", "sftlab.threads", "sftlab.files"],  # leaves
+    # leaves
+    ["sftlab.strict", "sftlab.gemm", "sftlab.errors", "sftlab.threads", "sftlab.files", "sftlab.scores"],
     ["sftlab.data", "sftlab.methods", "sftlab.models", "sftlab.convert"],  # what a run is made of
     ["sftlab.config"],  # the run config (knows the methods' configs)
     ["sftlab.train", "sftlab.generate", "sftlab.demo_model"],  # the loop; building the demo model

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from .metrics import MetricsLog, plot_loss
 from .progress import Progress
+from .task_eval import plot_tasks
 
 if TYPE_CHECKING:
     from .loop import StepResult, Trainer
@@ -100,7 +101,10 @@ class FlatLossCallback(Callback):
 class EvalCallback(Callback):
     """Held-out loss every `every` steps and at the last step; asks the loop to stop after `patience` evals without
     a new best. The last step's eval runs before its checkpoint is written, so a run resumed from that checkpoint
-    does not evaluate (and log) the same step twice."""
+    does not evaluate (and log) the same step twice.
+
+    A multi-task run also logs one row per task after the overall row (`task`: its name; train/task_eval.py) and
+    draws tasks.png at the end; the best eval, and early stopping, key on the overall eval loss."""
 
     every: int | None
     patience: int | None
@@ -119,29 +123,46 @@ class EvalCallback(Callback):
             return
         # A checkpoint written between the last step and its eval (Ctrl-C), or by an sftlab that evaluated after the
         # final checkpoint: reuse the eval row metrics.jsonl already holds for this step rather than add another.
-        logged = [
+        rows = [
             r for r in MetricsLog.read(trainer.metrics.path) if r.get("step") == s.step and "eval_loss" in r
         ]
+        logged = [r for r in rows if "task" not in r]
         if logged:
             s.last_eval = {k: v for k, v in logged[-1].items() if k != "step"}
+            s.task_eval = [r for r in rows if "task" in r]
             s.eval_step = s.step
         else:
             self._eval(trainer)
 
     def _eval(self, trainer: Trainer) -> bool:
         """Evaluate and record; True when patience ran out."""
-        res = trainer.run_eval()
+        res, task_rows = trainer.evaluate()
         if not res:
             return False
         s = trainer.state
         s.last_eval, s.eval_step = res, s.step
+        s.task_eval = [{"step": s.step, **r} for r in task_rows]
         trainer.metrics.write({"step": s.step, **res})
+        for row in s.task_eval:
+            trainer.metrics.write(row)
         trainer.log(f"step {s.step}: " + ", ".join(f"{k}={v:.4g}" for k, v in res.items()))
+        for row in task_rows:
+            trainer.log(
+                f"  task {row['task']}: " + ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "task")
+            )
         if s.best_eval is None or res["eval_loss"] < s.best_eval:
             s.best_eval, s.bad_evals = res["eval_loss"], 0
+            s.best_task_eval = s.task_eval
             return False
         s.bad_evals += 1
         return bool(self.patience and s.bad_evals >= self.patience)
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        path = trainer.metrics.path if hasattr(trainer, "metrics") else None
+        if trainer.task_eval is not None and path is not None and path.exists():
+            rows = MetricsLog.read(path)
+            if any("task" in r and "eval_loss" in r for r in rows):
+                plot_tasks(rows, trainer.task_eval.tasks, trainer.run_dir / "tasks.png")
 
 
 @dataclass

@@ -42,6 +42,7 @@ from .mixture_stream import make_stream
 from .objective import Objective, count_supervised
 from .optim import build_optimizer, build_scheduler
 from .packing import resolve_packing
+from .task_eval import TaskEval, TaskSpec
 
 
 class TrainingDiverged(RuntimeError):
@@ -61,6 +62,10 @@ class LoopState:
     last_loss: float | None = None
     last_eval: dict = field(default_factory=dict)
     eval_step: int | None = None  # the step last_eval was measured at
+    task_eval: list[dict] = field(default_factory=list)  # data.tasks: each task's row at the last eval
+    best_task_eval: list[dict] = field(
+        default_factory=list
+    )  # ... at the eval with the best overall eval_loss
     flat_since: int | None = None  # first step of the current stretch of unchanged loss (FlatLossCallback)
     flat_loss: float | None = None
     warnings: list[str] = field(default_factory=list)
@@ -108,9 +113,13 @@ class Trainer:
     state: LoopState = field(default_factory=LoopState)
     # data.tasks: train_examples are the tasks' examples (task 0's first), sampled per the mixture's rates
     mixture: Mixture | None = None
+    # data.tasks: how each task's eval set is scored (default: its loss only); see train/task_eval.py
+    task_eval: TaskEval | None = None
 
     def __post_init__(self) -> None:
         c = self.cfg
+        if self.mixture is not None and self.task_eval is None:
+            self.task_eval = TaskEval([TaskSpec(name) for name in self.mixture.names])
         weights = self.mixture.loss_weights if self.mixture else None
         self.objective = Objective(self.model, self.task, self.perf, loss_weights=weights)
         self.packing = resolve_packing(
@@ -253,11 +262,16 @@ class Trainer:
         return True
 
     def run_eval(self) -> dict:
+        return self.evaluate()[0]
+
+    def evaluate(self) -> tuple[dict, list[dict]]:
+        """(the overall eval row, one row per task for a multi-task run); ({}, []) without eval examples."""
         if not self.eval_examples:
-            return {}
-        return eval_loss(
-            self.objective, self.eval_examples, self.cfg.eval_batch_size or self.cfg.batch_size, self.pad_id
-        )
+            return {}, []
+        size = self.cfg.eval_batch_size or self.cfg.batch_size
+        if self.task_eval is not None:
+            return self.task_eval.evaluate(self.objective, self.eval_examples, size, self.pad_id)
+        return eval_loss(self.objective, self.eval_examples, size, self.pad_id), []
 
     # -- the loop -------------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> LoopState:

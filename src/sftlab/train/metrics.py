@@ -39,7 +39,8 @@ def plot_loss(metrics_path: Path, out_png: Path) -> None:
 
     rows = MetricsLog.read(metrics_path)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    overall = [r for r in rows if "task" not in r]  # a multi-task run's per-task eval rows go to tasks.png
+    evals = [(r["step"], r["eval_loss"]) for r in overall if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(6, 4))
     if train:
         ax.plot(*zip(*train), label="train loss")
