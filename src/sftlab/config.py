@@ -293,6 +293,12 @@ class TrainConfig(StrictModel):
         "examples (its first ones) to score classification-as-text accuracy and a task's `metric` (exact, f1); "
         "0: no generation, loss only.",
     )
+    task_balancing: Literal["pcgrad"] | None = Field(
+        None,
+        description="data.tasks: pcgrad projects each task's gradient off the other tasks' it conflicts with "
+        "(negative dot product) before the update (Yu et al. 2020); costs one forward and backward per task in "
+        "each micro-batch instead of one. null: the plain summed gradient.",
+    )
     task_grad_cosine_every: int | None = Field(
         None,
         gt=0,
@@ -469,6 +475,11 @@ class RunConfig(StrictModel):
             raise ValueError(
                 "train.task_grad_cosine_every: compares the gradients of data.tasks; a run on one data.train has "
                 "no tasks to compare (drop the key, or list the tasks under data.tasks)"
+            )
+        if self.train.task_balancing is not None and self.data.tasks is None:
+            raise ValueError(
+                f"train.task_balancing: {self.train.task_balancing} balances the gradients of data.tasks; a run on "
+                "one data.train has no tasks to balance (drop the key, or list the tasks under data.tasks)"
             )
         return self
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .conflict import conflict_row, plot_conflict
 from .metrics import MetricsLog, plot_loss
 from .progress import Progress
 from .task_eval import plot_tasks
@@ -21,6 +22,10 @@ class Callback:
     """No-op hooks; a callback overrides the ones it needs."""
 
     def on_fit_start(self, trainer: Trainer) -> None: ...
+
+    def on_gradients(self, trainer: Trainer, passes: list[dict]) -> None:
+        """The step's gradients are accumulated in .grad, before clipping and the update (state.step is the
+        previous step); `passes` are its collated micro-batches. Must not change .grad, the weights or the RNG."""
 
     def on_step_end(self, trainer: Trainer, result: StepResult) -> None: ...
 
@@ -163,6 +168,34 @@ class EvalCallback(Callback):
             rows = MetricsLog.read(path)
             if any("task" in r and "eval_loss" in r for r in rows):
                 plot_tasks(rows, trainer.task_eval.tasks, trainer.run_dir / "tasks.png")
+
+
+@dataclass
+class TaskConflictCallback(Callback):
+    """Every `every` steps of a multi-task run, the cosines of the tasks' gradients on that step's batch (before its
+    update), as a metrics.jsonl row `{"step", "tasks", "task_grad_cosine", "task_grad_norm"}` (train/conflict.py);
+    task_conflict.png at the end. Training is unchanged by it."""
+
+    every: int
+    _row: dict | None = None
+
+    def on_gradients(self, trainer: Trainer, passes: list[dict]) -> None:
+        self._row = None
+        if trainer.mixture is None or (trainer.state.step + 1) % self.every:
+            return
+        self._row = conflict_row(
+            trainer.objective, passes, trainer.trainable_parameters(), trainer.mixture.names
+        )
+
+    def on_step_end(self, trainer: Trainer, result: StepResult) -> None:
+        if self._row is not None:
+            trainer.metrics.write({"step": trainer.state.step, **self._row})
+            self._row = None
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        path = trainer.metrics.path if hasattr(trainer, "metrics") else None
+        if path is not None and path.exists():
+            plot_conflict(MetricsLog.read(path), trainer.run_dir / "task_conflict.png")
 
 
 @dataclass

@@ -25,7 +25,14 @@ from ..config import PerfConfig, TrainConfig
 from ..data.mixture import Mixture
 from ..errors import CheckpointError
 from . import patches
-from .callbacks import Callback, CheckpointCallback, EvalCallback, FlatLossCallback, MetricsCallback
+from .callbacks import (
+    Callback,
+    CheckpointCallback,
+    EvalCallback,
+    FlatLossCallback,
+    MetricsCallback,
+    TaskConflictCallback,
+)
 from .checkpoint import (
     NonFiniteCheckpoint,
     apply_checkpoint,
@@ -36,6 +43,7 @@ from .checkpoint import (
     sigint_deferred,
     step_of,
 )
+from .conflict import pcgrad, task_gradients
 from .eval_loss import eval_loss
 from .metrics import MetricsLog
 from .mixture_stream import make_stream
@@ -90,9 +98,11 @@ class StepResult(NamedTuple):
 
 
 def default_callbacks(cfg: TrainConfig) -> list[Callback]:
+    conflict = [TaskConflictCallback(cfg.task_grad_cosine_every)] if cfg.task_grad_cosine_every else []
     return [
         MetricsCallback(cfg.log_every, cfg.progress),
         FlatLossCallback(),
+        *conflict,
         EvalCallback(cfg.eval_every, cfg.early_stopping_patience),
         CheckpointCallback(cfg.save_every),
     ]
@@ -151,22 +161,38 @@ class Trainer:
         n_total = sum(count_supervised(b, self.task) for b in passes)
         if n_total == 0:
             return 0.0, 0, 0
-        loss_sum, real = 0.0, 0
+        real = sum(
+            int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+            for b in passes
+        )
+        if self.cfg.task_balancing == "pcgrad" and self.mixture is not None:
+            return self._pcgrad_step(passes) / n_total, n_total, real
+        loss_sum = 0.0
         for batch in passes:
             loss = self.objective(batch).loss
             (loss / n_total).backward()
             loss_sum += float(loss.detach())
-            real += (
-                int(batch["attention_mask"].sum())
-                if "attention_mask" in batch
-                else batch["input_ids"].numel()
-            )
         return loss_sum / n_total, n_total, real
+
+    def _pcgrad_step(self, passes: list[dict]) -> float:
+        """The step's gradient by PCGrad (train/conflict.py), set as the parameters' grad; returns the loss sum."""
+        params = self.trainable_parameters()
+        grads, loss_sum = task_gradients(self.objective, passes, params, keep_rng=False)
+        if grads:
+            combined = pcgrad(list(grads.values()), (self.cfg.seed, self.state.step))
+            for p, g in zip(params, combined):
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad + g
+        return loss_sum
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters the optimizer updates (clipping and the conflict diagnostic read these)."""
+        return [p for g in self.optimizer.param_groups for p in g["params"]]
 
     def _optimizer_step(self) -> float:
         gnorm = float("nan")
         if self.cfg.max_grad_norm:
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            params = self.trainable_parameters()
             gnorm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
         self.optimizer.step()
         self.scheduler.step()
@@ -185,6 +211,10 @@ class Trainer:
                 f"loss is {loss} at step {self.state.step + 1}; stopped. {self.good_checkpoint_note()} "
                 "Try a lower train.lr."
             )
+        t_hooks = time.perf_counter()
+        for cb in self.callbacks or []:
+            cb.on_gradients(self, passes)
+        t0 += time.perf_counter() - t_hooks  # diagnostics are not step time (tokens/s)
         lr = self.scheduler.get_last_lr()[0]
         gnorm = self._optimizer_step()
         dt = time.perf_counter() - t0
