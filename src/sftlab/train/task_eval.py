@@ -65,14 +65,15 @@ def task_specs(data_cfg: Any, model_task: str) -> list[TaskSpec]:
 
 @dataclass
 class TaskEval:
-    """Evaluates each task's eval examples alone (see the module docstring). `route(task index)` is a context a
-    generation runs in, for methods whose tasks have their own modules (per-task adapters); default: none."""
+    """Evaluates each task's eval examples alone (see the module docstring). `route(task index, rows)` is a context
+    each generated batch of `rows` prompts runs in, for methods whose tasks have their own modules (per-task heads
+    or adapters: every row through that task's); default: none. The loss side routes by the batches' task_ids."""
 
     tasks: list[TaskSpec]
     tokenizer: Any = None  # needed when a task generates
     generate_limit: int = 64
     reserved_positions: int = 0  # a prompt/prefix method's virtual tokens (generate.fit_new_tokens)
-    route: Callable[[int], contextlib.AbstractContextManager] | None = None
+    route: Callable[[int, int], contextlib.AbstractContextManager] | None = None
     _stops: tuple[set[int], tuple[str, ...]] | None = field(default=None, repr=False)
 
     def evaluate(
@@ -111,18 +112,21 @@ class TaskEval:
         if not pairs:
             return {"eval_generated": 0}
         prompts, refs = [p for p, _ in pairs], [r for _, r in pairs]
+        max_new = max(len(r) for r in refs) + EXTRA_NEW_TOKENS
         was_training = objective.training
-        route = self.route(index) if self.route else contextlib.nullcontext()
+        new: list[list[int]] = []
         try:
-            with route:
-                new = generate_ids(
-                    objective.model,
-                    self.tokenizer,
-                    prompts,
-                    max_new_tokens=max(len(r) for r in refs) + EXTRA_NEW_TOKENS,
-                    batch_size=batch_size,
-                    reserved_positions=self.reserved_positions,
-                )
+            for start in range(0, len(prompts), batch_size):
+                chunk = prompts[start : start + batch_size]
+                with self.route(index, len(chunk)) if self.route else contextlib.nullcontext():
+                    new += generate_ids(
+                        objective.model,
+                        self.tokenizer,
+                        chunk,
+                        max_new_tokens=max_new,
+                        batch_size=batch_size,
+                        reserved_positions=self.reserved_positions,
+                    )
         finally:
             objective.train(was_training)
         answers = [self.answer(ids) for ids in new]

@@ -2,6 +2,7 @@
 evaluating each task's examples alone, generated metrics scored as hand-computed, the summary's per-task table,
 tasks.png; one-task runs unchanged."""
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -135,9 +136,11 @@ def test_generated_metrics_hand_computed(tmp_path, monkeypatch, limit):
     _, eval_data = load_tasks(cfg.data, tok, "causal-lm", 0, lambda *_: None)
     calls = []
     monkeypatch.setattr(task_eval_mod, "generate_ids", _stub_answers(calls))
-    te = TaskEval(task_specs(cfg.data, "causal-lm"), tok, limit)
+    routed = []
+    route = lambda i, rows: contextlib.nullcontext(routed.append((i, rows)))  # noqa: E731
+    te = TaskEval(task_specs(cfg.data, "causal-lm"), tok, limit, route=route)
     objective = Objective(model, "causal-lm")
-    overall, (a, c) = te.evaluate(objective, eval_data.examples, 4, tok.pad_token_id)
+    overall, (a, c) = te.evaluate(objective, eval_data.examples, 8, tok.pad_token_id)
     n_a, n_c = min(limit, 5), min(limit, 6)
     # task a: every answer is 'w' against 'w w': exact 0, F1 = 2 * 1 * 1/2 / (1 + 1/2) = 2/3
     assert (a["eval_exact"], a["eval_f1"], a["eval_generated"]) == (0.0, pytest.approx(2 / 3), n_a)
@@ -148,6 +151,7 @@ def test_generated_metrics_hand_computed(tmp_path, monkeypatch, limit):
     # the prompts generated for: at most `limit` per task; room for the longest reference plus a few tokens
     refs = [[prompt_and_reference(ex, "causal-lm")[1] for ex in p.examples[:limit]] for p in eval_data.parts]
     assert calls == [(n_a, max(map(len, refs[0])) + 8), (n_c, max(map(len, refs[1])) + 8)]
+    assert routed == [(0, n_a), (1, n_c)]  # each generated batch inside its task's route
     assert set(overall) == {"eval_loss", "eval_tokens", "eval_perplexity"}
 
 
