@@ -1,39 +1,34 @@
-"""How many CPU threads training uses, and how torch's idle threads wait: from the CPUs actually free.
+"""How many CPU threads training uses: the physical cores that other processes leave free, then and later.
 
-Why: torch runs an op's parallel region on all its threads and the op ends when the last one arrives. With as
-many threads as cores while other processes hold those cores, every region waits for a thread the kernel has
-descheduled; and GNU OpenMP's idle threads spin for a while before sleeping, taking CPU time from the very
-thread they wait for. A tiny-llama run beside busy processes on 2 cores fell ~100x, not the ~3x its lost
-CPU share explains (benchmarks/README.md, "CPU contention").
+Why: torch runs an op's parallel region on all its threads, and the op ends when the last one arrives; GNU
+OpenMP's idle threads spin ~300k iterations (a few ms) before they sleep. With as many threads as cores while
+other processes hold those cores, every region waits for a thread the kernel has descheduled, and the waiting
+threads spin away the CPU share the late one needs: beside busy processes on 2 cores a tiny-llama run fell
+~100x, not the ~2-3x its lost CPU share explains (benchmarks/README.md, "CPU contention"). One thread has no
+regions to wait at. A passive OpenMP wait (`OMP_WAIT_POLICY=PASSIVE`) also cures it, but measured 15-45% slower
+on the 58M benchmark model when nothing else runs (every region then pays a wake-up), so sftlab leaves the
+policy alone (a user's OMP_WAIT_POLICY still applies) and follows the load instead:
 
-So sftlab
-- asks OpenMP to let idle threads sleep at once (`OMP_WAIT_POLICY=PASSIVE`; GNU and Intel OpenMP both read
-  it), set by the CLI before torch is imported, since OpenMP reads it once when it loads. A value already in
-  the environment wins;
-- when `train.threads` is unset, uses the physical cores this process may use (affinity, a cgroup CPU quota),
-  but no more than were idle over a 0.2 s sample of /proc/stat at start, and at least one. The sample is taken
-  once: a machine that gets busy later is left to the passive wait; `train.threads` overrides the choice.
+- at start (`choose_threads`): the usable physical cores (affinity, a cgroup CPU quota), no more than were idle
+  over a 0.2 s sample of /proc/stat;
+- while training (`LoadWatch`, every 3 s at a step's end): the cores other processes left free since the last
+  check (all CPU time on the usable CPUs minus this process's own). Fewer threads at once, more only when two
+  checks in a row agree.
+A core counts as free when three quarters of it is. `train.threads` fixes the count instead: use it where a run
+must be bit-reproducible, since a large reduction's rounding depends on the thread count.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-WAIT_POLICY = "PASSIVE"
-SAMPLE_S = 0.2
-
-
-def set_wait_policy(environ: dict | None = None) -> bool:
-    """Idle OpenMP threads sleep instead of spinning, unless the user chose a policy. Call before torch is
-    imported; returns False when torch is already loaded (the setting would come too late)."""
-    env = os.environ if environ is None else environ
-    env.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)
-    return "torch" not in sys.modules
+SAMPLE_S = 0.2  # the start sample
+CHECK_EVERY_S = 3.0  # the load check while training
+FREE_SHARE = 0.75  # a core is free when this much of it is idle
 
 
 def usable_cpus() -> set[int]:
@@ -80,7 +75,7 @@ def _read(path: str | Path) -> str | None:
 
 
 def _own_cpu_max() -> str | None:
-    """This process's cgroup v2 cpu.max (its own group's, else the root's)."""
+    """This process's cgroup CPU quota as cgroup v2's "quota period" (its own group's, else the root's)."""
     for line in (_read("/proc/self/cgroup") or "").splitlines():
         if line.startswith("0::"):
             text = _read(Path("/sys/fs/cgroup") / line[3:].strip().lstrip("/") / "cpu.max")
@@ -95,6 +90,11 @@ def _own_cpu_max() -> str | None:
         if quota and period and not quota.strip().startswith("-"):
             text = f"{quota.strip()} {period.strip()}"
     return text
+
+
+def _own_cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
 
 
 def cpu_times(stat: str) -> dict[int, tuple[int, int]]:
@@ -126,6 +126,25 @@ def idle_cpus(before: str, after: str, usable: set[int]) -> float | None:
     return idle if seen else None
 
 
+def fit_threads(free: float, cores: int) -> int:
+    """Threads for `free` idle CPU-equivalents: whole cores at least FREE_SHARE free, at least 1."""
+    return max(1, min(cores, math.floor(free + 1 - FREE_SHARE)))
+
+
+def usable_cores(
+    usable: set[int] | None = None,
+    read: Callable[[str], str | None] = _read,
+    cpu_max: Callable[[], str | None] = _own_cpu_max,
+) -> tuple[int, float | None]:
+    """(physical cores this process may use, the cgroup quota in CPUs or None)."""
+    cpus = usable if usable is not None else usable_cpus()
+    cores = physical_cores(read("/proc/cpuinfo"), cpus)
+    limit = cgroup_cpu_limit(cpu_max())
+    if limit is not None:
+        cores = max(1, min(cores, math.ceil(limit - 0.05)))  # 2.0 CPUs -> 2, 1.5 -> 2, 0.5 -> 1
+    return cores, limit
+
+
 def choose_threads(
     requested: int | None,
     log: Callable[[str], None] = print,
@@ -135,25 +154,69 @@ def choose_threads(
     usable: set[int] | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> int:
-    """Threads for training: `requested` if set, else the usable physical cores that are free now. Logs the
+    """Threads to start training with: `requested` if set, else the usable physical cores idle now. Logs the
     choice and why. The keyword arguments are the machine (for tests)."""
-    policy = os.environ.get("OMP_WAIT_POLICY", "default (spin, then sleep)").lower()
     if requested:
-        log(f"threads: {requested} (train.threads); OpenMP wait policy {policy}")
+        log(f"threads: {requested} (train.threads)")
         return requested
     cpus = usable if usable is not None else usable_cpus()
-    cores = physical_cores(read("/proc/cpuinfo"), cpus)
-    limit = cgroup_cpu_limit(cpu_max())
-    if limit is not None:
-        cores = max(1, min(cores, math.ceil(limit - 0.05)))  # 2.0 CPUs -> 2, 1.5 -> 2, 0.5 -> 1
+    cores, limit = usable_cores(cpus, read, cpu_max)
     before = read("/proc/stat")
     sleep(SAMPLE_S)
     after = read("/proc/stat")
     free = idle_cpus(before, after, cpus) if before and after else None
-    threads = cores if free is None else max(1, min(cores, math.floor(free + 0.5)))
+    threads = cores if free is None else fit_threads(free, cores)
     why = f"{free:.1f} CPUs idle at start" if free is not None else "idle CPUs unknown"
     if threads < cores:
-        why += "; other processes hold the rest, train.threads overrides"
+        why += "; other processes hold the rest"
     quota = f", cgroup quota {limit:g} CPUs" if limit is not None else ""
-    log(f"threads: {threads} of {cores} physical cores{quota} ({why}); OpenMP wait policy {policy}")
+    log(
+        f"threads: {threads} of {cores} physical cores{quota} ({why}); "
+        f"rechecked every {CHECK_EVERY_S:g} s, train.threads fixes it"
+    )
     return threads
+
+
+class LoadWatch:
+    """While training: how many threads the cores that other processes leave free allow, checked every
+    `every_s` seconds. `check()` returns (threads, CPUs other processes used) when the count should change."""
+
+    def __init__(
+        self,
+        threads: int,
+        *,
+        usable: set[int] | None = None,
+        every_s: float = CHECK_EVERY_S,
+        read: Callable[[str], str | None] = _read,
+        cpu_max: Callable[[], str | None] = _own_cpu_max,
+        clock: Callable[[], float] = time.monotonic,
+        cpu_seconds: Callable[[], float] = _own_cpu_seconds,
+    ):
+        self.threads = threads
+        self.usable = usable if usable is not None else usable_cpus()
+        self.cores, _ = usable_cores(self.usable, read, cpu_max)
+        self.every_s, self.read, self.clock, self.cpu_seconds = every_s, read, clock, cpu_seconds
+        self._last = (clock(), read("/proc/stat"), cpu_seconds())
+        self._pending: int | None = None  # a higher count one check has asked for
+
+    def check(self) -> tuple[int, float] | None:
+        now = self.clock()
+        t0, stat0, mine0 = self._last
+        if now - t0 < self.every_s:
+            return None
+        stat, mine = self.read("/proc/stat"), self.cpu_seconds()
+        self._last = (now, stat, mine)
+        idle = idle_cpus(stat0, stat, self.usable) if stat0 and stat else None
+        if idle is None:
+            return None
+        busy = len(self.usable) - idle  # CPU-equivalents busy on our CPUs, this process included
+        others = max(0.0, busy - (mine - mine0) / (now - t0))
+        want = fit_threads(self.cores - others, self.cores)
+        if want > self.threads and self._pending != want:
+            self._pending = want  # more threads only when the next check agrees
+            return None
+        self._pending = None
+        if want == self.threads:
+            return None
+        self.threads = want
+        return want, others

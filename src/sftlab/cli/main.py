@@ -38,9 +38,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(argv: list[str] | None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from ..threads import set_wait_policy
-
-    set_wait_policy()  # idle OpenMP threads sleep, not spin (threads.py); before anything imports torch
     _plain_warnings()
     args = build_parser().parse_args(argv)
     import_libraries()

@@ -9,6 +9,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
+
+from ..threads import LoadWatch
 from .conflict import conflict_row, plot_conflict
 from .metrics import MetricsLog, plot_loss
 from .progress import Progress
@@ -100,6 +103,28 @@ class FlatLossCallback(Callback):
             s.warnings.append(msg)
             trainer.metrics.write({"step": s.step, "warning": msg})
             trainer.log(f"warning: {msg}")
+
+
+@dataclass
+class ThreadsCallback(Callback):
+    """With `train.threads` unset, follows the machine's load (sftlab/threads.py): fewer torch threads as soon as
+    other processes take cores, more once two checks agree they are free again. A set count is left alone."""
+
+    threads: int | None
+    watch_factory: Callable[[int], LoadWatch] = LoadWatch  # tests pass a fake machine
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        self.watch = self.watch_factory(torch.get_num_threads()) if self.threads is None else None
+
+    def on_step_end(self, trainer: Trainer, result: StepResult) -> None:
+        change = self.watch.check() if self.watch is not None else None
+        if change is not None:
+            n, others = change
+            trainer.log(
+                f"threads: {torch.get_num_threads()} -> {n} (other processes used {others:.1f} CPUs of "
+                f"{len(self.watch.usable)} over the last {self.watch.every_s:g} s)"
+            )
+            torch.set_num_threads(n)
 
 
 @dataclass

@@ -32,6 +32,7 @@ from .callbacks import (
     FlatLossCallback,
     MetricsCallback,
     TaskConflictCallback,
+    ThreadsCallback,
 )
 from .checkpoint import (
     NonFiniteCheckpoint,
@@ -101,6 +102,7 @@ def default_callbacks(cfg: TrainConfig) -> list[Callback]:
     conflict = [TaskConflictCallback(cfg.task_grad_cosine_every)] if cfg.task_grad_cosine_every else []
     return [
         MetricsCallback(cfg.log_every, cfg.progress),
+        ThreadsCallback(cfg.threads),
         FlatLossCallback(),
         *conflict,
         EvalCallback(cfg.eval_every, cfg.early_stopping_patience),

@@ -1,9 +1,5 @@
-"""Thread choice under CPU contention (issue 16, item 16): threads from the CPUs free at start, a passive
-OpenMP wait set before torch loads. The machine is faked: /proc/cpuinfo, /proc/stat, cgroup cpu.max."""
-
-import os
-import subprocess
-import sys
+"""Thread choice under CPU contention (issue 16, item 16): threads from the cores other processes leave free, at
+start and while training. The machine is faked: /proc/cpuinfo, /proc/stat, cgroup cpu.max, clocks."""
 
 import pytest
 
@@ -45,13 +41,14 @@ def test_an_idle_machine_gets_every_physical_core():
     n, msg = choose(None, CPUINFO_2, stat((100, 900), (100, 900)), stat((101, 919), (101, 919)), {0, 1})
     assert n == 2
     assert msg.startswith("threads: 2 of 2 physical cores (1.9 CPUs idle at start)")
+    assert "train.threads fixes it" in msg
 
 
 def test_busy_cores_are_left_to_the_processes_holding_them():
     # cpu0 fully busy over the sample, cpu1 80% busy: 0.2 CPUs idle -> 1 thread, never 0
     n, msg = choose(None, CPUINFO_2, stat((100, 900), (100, 900)), stat((120, 900), (116, 904)), {0, 1})
     assert n == 1
-    assert "0.2 CPUs idle" in msg and "train.threads overrides" in msg
+    assert "0.2 CPUs idle" in msg and "other processes hold the rest" in msg
 
 
 def test_one_core_held_by_another_process_gives_one_thread():
@@ -104,39 +101,6 @@ def test_cgroup_cpu_max(text, want):
     assert th.cgroup_cpu_limit(text) == want
 
 
-def test_the_wait_policy_is_passive_unless_the_user_chose_one():
-    env = {}
-    th.set_wait_policy(env)
-    assert env["OMP_WAIT_POLICY"] == "PASSIVE"
-    env = {"OMP_WAIT_POLICY": "ACTIVE"}
-    th.set_wait_policy(env)
-    assert env["OMP_WAIT_POLICY"] == "ACTIVE"
-
-
-def test_the_cli_sets_the_wait_policy_before_torch_loads():
-    """OpenMP reads OMP_WAIT_POLICY once, when torch loads it: the CLI must set it before any import of torch."""
-    code = (
-        "import os, sys\n"
-        "import sftlab.cli.main as m\n"
-        "seen = {}\n"
-        "class Hook:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name == 'torch' and 'torch' not in seen:\n"
-        "            seen['torch'] = os.environ.get('OMP_WAIT_POLICY')\n"
-        "        return None\n"
-        "sys.meta_path.insert(0, Hook())\n"
-        "try:\n"
-        "    m.main(['train', '--help'])\n"
-        "except SystemExit:\n"
-        "    pass\n"
-        "import torch\n"
-        "print('policy at torch import:', seen.get('torch'))\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-    assert "policy at torch import: PASSIVE" in out.stdout, out.stdout + out.stderr
-
-
 def test_training_logs_its_thread_choice(tmp_path):
     import torch
     from helpers import make_config
@@ -151,4 +115,124 @@ def test_training_logs_its_thread_choice(tmp_path):
     finally:
         torch.set_num_threads(before)
     line = next(m for m in logs if m.startswith("threads: "))
-    assert line.startswith(f"threads: {chosen} of ") and "OpenMP wait policy" in line
+    assert line.startswith(f"threads: {chosen} of ") and "physical cores" in line
+
+
+def test_a_core_counts_as_free_when_three_quarters_of_it_is():
+    assert [th.fit_threads(f, 2) for f in (0.0, 0.7, 1.0, 1.74, 1.76, 2.0, 5.0)] == [1, 1, 1, 1, 2, 2, 2]
+
+
+class FakeMachine:
+    """2 cores; each `tick(seconds, ours, others)` advances the clock, /proc/stat and this process's CPU time."""
+
+    def __init__(self):
+        self.t, self.mine, self.busy, self.idle = 0.0, 0.0, [0, 0], [0, 0]
+
+    def tick(self, seconds: float, ours: float, others: float) -> None:
+        """`ours`/`others`: CPU-equivalents used over the interval (of 2)."""
+        self.t += seconds
+        self.mine += ours * seconds
+        used = min(2.0, ours + others)
+        for c in range(2):  # spread evenly over both CPUs, in jiffies (100/s)
+            self.busy[c] += round(100 * seconds * used / 2)
+            self.idle[c] += round(100 * seconds * (2 - used) / 2)
+
+    def watch(self, threads: int) -> th.LoadWatch:
+        def read(path):
+            return CPUINFO_2 if path == "/proc/cpuinfo" else stat(*zip(self.busy, self.idle))
+
+        return th.LoadWatch(
+            threads, usable={0, 1}, read=read, cpu_max=lambda: None, clock=lambda: self.t,
+            cpu_seconds=lambda: self.mine,
+        )  # fmt: skip
+
+
+def test_the_watch_drops_threads_at_once_when_other_processes_take_a_core():
+    m = FakeMachine()
+    w = m.watch(2)
+    m.tick(1.0, ours=2.0, others=0.0)
+    assert w.check() is None  # too soon to look
+    m.tick(2.5, ours=2.0, others=0.0)
+    assert w.check() is None  # all the busy time is ours: nothing to change
+    m.tick(3.0, ours=0.6, others=1.4)  # spinning processes arrive; ours is whatever share is left
+    n, others = w.check()
+    assert n == 1 and others == pytest.approx(1.4, abs=0.05)
+    assert w.threads == 1
+
+
+def test_the_watch_adds_threads_back_only_when_two_checks_agree():
+    m = FakeMachine()
+    w = m.watch(1)
+    m.tick(3.0, ours=1.0, others=1.0)
+    assert w.check() is None  # one core is taken: stay at 1
+    m.tick(3.0, ours=1.0, others=0.0)
+    assert w.check() is None  # free now, but one check is not enough
+    m.tick(3.0, ours=1.0, others=0.9)
+    assert w.check() is None  # busy again: the pending raise is dropped
+    m.tick(3.0, ours=1.0, others=0.0)
+    assert w.check() is None
+    m.tick(3.0, ours=1.0, others=0.1)
+    assert w.check() == (2, pytest.approx(0.1, abs=0.05))
+
+
+class ScriptedWatch:
+    """A LoadWatch that asks for a change at the given steps."""
+
+    every_s, usable = 3.0, {0, 1}
+
+    def __init__(self, threads, script):
+        self.script, self.calls = dict(script), 0
+
+    def check(self):
+        self.calls += 1
+        return self.script.get(self.calls)
+
+
+def _fit(tmp_path, threads, script):
+    import torch
+    from helpers import make_config
+
+    from sftlab.recipe import prepare
+    from sftlab.train.callbacks import ThreadsCallback
+    from sftlab.train.loop import Trainer
+
+    cfg = make_config(tmp_path, "tiny-llama", train={"max_steps": 4, "threads": threads})
+    model, tok, data, _ = prepare(cfg, log=lambda *_: None)
+    (tmp_path / "run").mkdir()
+    logs, seen = [], []
+    before = torch.get_num_threads()
+    cb = ThreadsCallback(threads, watch_factory=lambda n: ScriptedWatch(n, script))
+    spy = type(
+        "Spy", (ThreadsCallback,), {"on_step_end": lambda self, tr, r: seen.append(torch.get_num_threads())}
+    )
+    trainer = Trainer(
+        model=model, cfg=cfg.train, task="causal-lm", train_examples=data.examples, pad_id=tok.pad_token_id,
+        run_dir=tmp_path / "run", log=logs.append, callbacks=[cb, spy(None)],
+    )  # fmt: skip
+    torch.set_num_threads(2)
+    try:
+        trainer.fit()
+    finally:
+        torch.set_num_threads(before)
+    return logs, seen, cb
+
+
+def test_training_follows_the_watch_when_threads_are_unset(tmp_path):
+    logs, seen, _ = _fit(tmp_path, None, {2: (1, 1.4)})
+    assert seen == [2, 1, 1, 1]  # after step 2's check, the rest of the run has 1 thread
+    assert any(m.startswith("threads: 2 -> 1 (other processes used 1.4 CPUs") for m in logs)
+
+
+def test_a_set_thread_count_is_never_changed(tmp_path):
+    logs, seen, cb = _fit(tmp_path, 2, {1: (1, 1.4)})
+    assert cb.watch is None and seen == [2, 2, 2, 2]
+    assert not any("->" in m for m in logs)
+
+
+def test_the_trainer_watches_the_load_by_default():
+    from sftlab.config import TrainConfig
+    from sftlab.train.callbacks import ThreadsCallback
+    from sftlab.train.loop import default_callbacks
+
+    cbs = default_callbacks(TrainConfig(output_dir="x", max_steps=1))
+    assert [c.threads for c in cbs if isinstance(c, ThreadsCallback)] == [None]
