@@ -302,9 +302,10 @@ class TrainConfig(StrictModel):
     task_grad_cosine_every: int | None = Field(
         None,
         gt=0,
-        description="data.tasks: every N steps, log the cosine similarity of each pair of tasks' gradients on that "
-        "step's batch (metrics.jsonl `task_grad_cosine`, task_conflict.png); costs one extra forward and backward "
-        "per task on those steps and leaves training unchanged. null: off.",
+        description="data.tasks: every N steps, log the cosine similarity of each pair of tasks' gradients, each on a "
+        "probe batch of batch_size of its own training examples (metrics.jsonl `task_grad_cosine`, "
+        "task_conflict.png); costs one extra forward and backward per task on those steps and leaves training "
+        "unchanged. null: off.",
     )
     seed: int = Field(
         0,

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..threads import LoadWatch
-from .conflict import conflict_row, plot_conflict
+from .conflict import conflict_row, plot_conflict, probe_indices, probe_passes
 from .metrics import MetricsLog, plot_loss
 from .progress import Progress
 from .task_eval import plot_tasks
@@ -197,20 +197,24 @@ class EvalCallback(Callback):
 
 @dataclass
 class TaskConflictCallback(Callback):
-    """Every `every` steps of a multi-task run, the cosines of the tasks' gradients on that step's batch (before its
-    update), as a metrics.jsonl row `{"step", "tasks", "task_grad_cosine", "task_grad_norm"}` (train/conflict.py);
-    task_conflict.png at the end. Training is unchanged by it."""
+    """Every `every` steps of a multi-task run, the cosines of the tasks' gradients, each on a probe batch of its own
+    training examples (train/conflict.py), at the weights before the step's update, as a metrics.jsonl row
+    `{"step", "tasks", "task_grad_cosine", "task_grad_norm"}`; task_conflict.png at the end. Training is unchanged."""
 
     every: int
     _row: dict | None = None
 
     def on_gradients(self, trainer: Trainer, passes: list[dict]) -> None:
         self._row = None
-        if trainer.mixture is None or (trainer.state.step + 1) % self.every:
+        m, step = trainer.mixture, trainer.state.step + 1
+        if m is None or step % self.every:
             return
-        self._row = conflict_row(
-            trainer.objective, passes, trainer.trainable_parameters(), trainer.mixture.names
-        )
+        c = trainer.cfg
+        probes = [
+            probe_passes(trainer.stream, probe_indices(m, k, c.batch_size, c.seed, step))
+            for k in range(len(m.names))
+        ]
+        self._row = conflict_row(trainer.objective, probes, trainer.trainable_parameters(), m.names)
 
     def on_step_end(self, trainer: Trainer, result: StepResult) -> None:
         if self._row is not None:

@@ -1,21 +1,24 @@
 """Gradient conflict between the tasks of a multi-task run: per-task gradients, their cosines, PCGrad.
 
-A task's gradient on a step is its part of the step's gradient: the gradient of (its targets' loss sum, with its
-loss weight) / (all the step's supervised targets), over the step's own micro-batches (every pass of the
-accumulated step), split by each row's task, or each token's in a packed row. The parts add up to the step's
-gradient. Their pairwise cosines over all trainable parameters (`train.task_grad_cosine_every`) show which tasks
-pull against each other: near 1, the tasks agree; near 0, they touch unrelated directions (or, with per-task
-adapters, unrelated parameters: exactly 0); below 0, a step for one undoes some of the other's.
+The diagnostic (`train.task_grad_cosine_every`): on a diagnostic step, each task's gradient is that of its mean
+token loss (its loss weight aside: a cosine ignores scale) on a probe batch of `train.batch_size` of its own training
+examples, drawn afresh by (seed, step, task) with numpy's generator, so no training draw moves; the weights are the
+ones the step's update is about to change. Probes rather than the step's own batch: length-grouped batches
+(`train.group_by_length`) of tasks whose examples differ in length mostly hold one task, which would leave most
+steps with nothing to compare; with probes every row compares every task. The pairwise cosines over all trainable
+parameters show which tasks pull against each other: near 1, the tasks agree; near 0, they touch unrelated
+directions (or, with per-task adapters, unrelated parameters: exactly 0); below 0, a step for one undoes some of the
+other's. It costs a forward and backward per task on those steps (and a copy of the trainable gradients per task),
+and never changes training: the gradients come from `torch.autograd.grad` (the parameters' `.grad` is untouched)
+under a forked RNG (dropout masks drawn there are not drawn from the training stream).
 
-The diagnostic costs one extra forward and backward per task present in the step's batch (and one copy of the
-trainable gradients per task) and never changes training: the gradients come from `torch.autograd.grad` (the
-parameters' `.grad` is untouched) under a forked RNG (dropout masks drawn there are not drawn from the training
-stream), on the weights before the step's update.
-
-PCGrad (Yu et al. 2020, "Gradient Surgery for Multi-Task Learning"; `train.task_balancing: pcgrad`): each task's
-gradient g_i is projected off every other task's g_j it conflicts with (g_i . g_j < 0: g_i -= (g_i . g_j) / |g_j|^2
-g_j, the g_j taken in a random order, seeded by (seed, step)), and the step follows the sum of the projected
-gradients. Without conflicts it is the plain step's gradient.
+PCGrad (Yu et al. 2020, "Gradient Surgery for Multi-Task Learning"; `train.task_balancing: pcgrad`) works on the
+step's own micro-batches: a task's gradient there is its part of the step's gradient, the gradient of (its targets'
+loss sum, with its loss weight) / (all the step's supervised targets), split by each row's task (each token's in a
+packed row), so the parts add up to the step's gradient. Each part g_i is projected off every other part g_j it
+conflicts with (g_i . g_j < 0: g_i -= (g_i . g_j) / |g_j|^2 g_j, the g_j in a random order seeded by (seed, step)),
+and the step follows the sum. Without conflicts it is the plain step's gradient; a step that holds one task only is
+left as it is, so PCGrad needs steps that mix tasks (`pcgrad_note` says when few do).
 """
 
 from __future__ import annotations
@@ -29,7 +32,10 @@ import numpy as np
 import torch
 
 from ..data.batching import IGNORE
+from ..data.mixture import Mixture
+from ..data.tasks import TASK_KEY
 from .objective import Objective, count_supervised
+from .stream import BatchStream
 
 Grads = list[
     torch.Tensor | None
@@ -120,16 +126,49 @@ def cosine_matrix(grads: Sequence[Grads]) -> tuple[list[list[float | None]], lis
     return cos, norms
 
 
+def probe_indices(mixture: Mixture, task: int, size: int, seed: int, step: int) -> list[int]:
+    """`size` of task `task`'s training examples (all of them when it has fewer), as indices into the joined train
+    examples, drawn without replacement by (seed, step, task): a pure function, no RNG state."""
+    n = mixture.sizes[task]
+    rng = np.random.default_rng([seed & 0xFFFFFFFF, step, task, _TAG])
+    picked = rng.choice(n, size=min(size, n), replace=False)
+    return (np.sort(picked) + mixture.offsets[task]).tolist()
+
+
+def probe_passes(stream: BatchStream, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+    """A probe batch collated as training collates (packing, task_ids), cut into passes by the token cap."""
+    return [stream.collate([stream.examples[i] for i in part]) for part in stream.split_by_tokens(indices)]
+
+
 def conflict_row(
     objective: Objective,
-    passes: list[dict[str, torch.Tensor]],
+    probes: Sequence[list[dict[str, torch.Tensor]]],
     params: Sequence[torch.Tensor],
     names: Sequence[str],
 ) -> dict:
-    """The metrics.jsonl fields of one diagnostic: the tasks present, their cosine matrix and gradient norms."""
-    grads, _ = task_gradients(objective, passes, params)
-    cos, norms = cosine_matrix(list(grads.values()))
-    return {"tasks": [names[k] for k in grads], "task_grad_cosine": cos, "task_grad_norm": norms}
+    """The metrics.jsonl fields of one diagnostic: the tasks, the cosine matrix of their gradients (each on its own
+    probe's passes, `probes[k]` holding task k's rows only), and the gradient norms (of each task's mean token loss)."""
+    grads: list[Grads] = []
+    for k, passes in enumerate(probes):
+        g, _ = task_gradients(objective, passes, params)
+        grads.append(g.get(k, [None] * len(params)))
+    cos, norms = cosine_matrix(grads)
+    return {"tasks": list(names), "task_grad_cosine": cos, "task_grad_norm": norms}
+
+
+def pcgrad_note(stream: BatchStream, grad_accum: int) -> str | None:
+    """A warning when fewer than half of the first epoch's steps hold two tasks or more: PCGrad leaves a one-task
+    step as it is."""
+    batches = stream.epoch(0)
+    steps = [batches[i : i + grad_accum] for i in range(0, len(batches), grad_accum)]
+    mixed = sum(len({stream.examples[j][TASK_KEY] for b in s for j in b}) >= 2 for s in steps)
+    if mixed * 2 >= len(steps):
+        return None
+    return (
+        f"train.task_balancing: pcgrad projects between the tasks of one step, and only {mixed} of the first epoch's "
+        f"{len(steps)} steps hold two tasks or more (the rest train as without it); length-grouped batches of tasks "
+        "of different lengths hold mostly one task: set train.group_by_length: false, or raise train.grad_accum"
+    )
 
 
 # -- PCGrad ---------------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +45,7 @@ from .checkpoint import (
     sigint_deferred,
     step_of,
 )
-from .conflict import pcgrad, task_gradients
+from .conflict import pcgrad, pcgrad_note, task_gradients
 from .eval_loss import eval_loss
 from .metrics import MetricsLog
 from .mixture_stream import make_stream
@@ -148,6 +149,10 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, c.lr, c.weight_decay, c.betas, self.perf.fused_optimizer)
         self.scheduler = build_scheduler(self.optimizer, self.total_steps, c.warmup_steps, c.schedule)
         c.warn_long_warmup(self.total_steps)
+        if c.task_balancing == "pcgrad" and self.mixture is not None:
+            note = pcgrad_note(self.stream, c.grad_accum)
+            if note:
+                warnings.warn(note, stacklevel=2)
         self.ckpt_root = self.run_dir / "checkpoints"
         if self.callbacks is None:
             self.callbacks = default_callbacks(c)

@@ -2,8 +2,10 @@
 per-task gradients, training bit-identical with the diagnostic on, task_conflict.png; PCGrad's projection."""
 
 import json
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import alpaca_rows, tiny_model, write_jsonl
@@ -11,11 +13,19 @@ from safetensors.torch import load_file
 
 from sftlab.config import build_config
 from sftlab.data.batching import collate, collate_packed
+from sftlab.data.mixture import Mixture
 from sftlab.data.tasks import TASK_KEY, task_ids
 from sftlab.errors import ConfigError
 from sftlab.models import build_tiny
 from sftlab.recipe import train
-from sftlab.train.conflict import conflict_row, cosine_matrix, pcgrad, task_gradients
+from sftlab.train.conflict import (
+    conflict_row,
+    cosine_matrix,
+    pcgrad,
+    pcgrad_note,
+    probe_indices,
+    task_gradients,
+)
 from sftlab.train.objective import Objective, count_supervised
 
 QUIET = {"progress": False, "threads": 1}
@@ -49,17 +59,17 @@ def test_cosine_matrix_equals_the_hand_computation(packed):
     _, tok = build_tiny("tiny-llama")
     exs = _examples(tok)
     pack = collate_packed if packed else (lambda e: collate(e, tok.pad_token_id, "causal-lm"))
-    batch = {**pack(exs), "task_ids": task_ids(exs, packed)}
+    probes = [
+        [{**pack(p), "task_ids": task_ids(p, packed)}]
+        for p in ([e for e in exs if e[TASK_KEY] == k] for k in (0, 1))
+    ]
     objective = Objective(model, "causal-lm")
     params = list(model.parameters())
-    row = conflict_row(objective, [batch], params, ["a", "b"])
+    row = conflict_row(objective, probes, params, ["a", "b"])
     assert all(p.grad is None for p in params)  # .grad untouched
 
-    # by hand: each task's examples alone, its loss over all the step's supervised targets
-    n_total = count_supervised(batch, "causal-lm")
-    flats = [
-        _flat_grad(model, objective, pack([e for e in exs if e[TASK_KEY] == k]), n_total) for k in (0, 1)
-    ]
+    # by hand: each task's probe alone, its mean token loss, flattened gradients
+    flats = [_flat_grad(model, objective, b[0], count_supervised(b[0], "causal-lm")) for b in probes]
     cos = float(flats[0] @ flats[1] / (flats[0].norm() * flats[1].norm()))
     assert row["tasks"] == ["a", "b"]
     m = row["task_grad_cosine"]
@@ -68,21 +78,51 @@ def test_cosine_matrix_equals_the_hand_computation(packed):
     assert row["task_grad_norm"] == pytest.approx([float(f.norm()) for f in flats], rel=1e-5)
     assert cos < 0  # the data makes these tasks conflict (the PCGrad test below relies on it)
 
-    # the tasks' parts add up to the step's gradient
-    total = _flat_grad(model, objective, batch, n_total)
-    torch.testing.assert_close(flats[0] + flats[1], total, rtol=1e-4, atol=1e-7)
 
-
-def test_only_the_tasks_present_and_a_zero_gradient_has_no_cosine():
+@pytest.mark.parametrize("packed", [False, True])
+def test_task_parts_of_a_mixed_step_add_up_to_its_gradient(packed):
+    """PCGrad's split of a step: each task's rows (tokens) of the step's batch, over all the step's targets."""
     model = tiny_model("tiny-llama", "causal-lm").train()
     _, tok = build_tiny("tiny-llama")
-    exs = [e for e in _examples(tok) if e[TASK_KEY] == 1]
-    batch = {**collate(exs, tok.pad_token_id, "causal-lm"), "task_ids": task_ids(exs, False)}
-    row = conflict_row(Objective(model, "causal-lm"), [batch], list(model.parameters()), ["a", "b"])
-    assert row["tasks"] == ["b"] and row["task_grad_cosine"] == [[1.0]]
-    zero = [torch.zeros(3)]
-    cos, norms = cosine_matrix([[torch.tensor([1.0, 2.0, 2.0])], zero])
-    assert cos == [[1.0, None], [None, None]] and norms == [3.0, 0.0]
+    exs = _examples(tok)
+    pack = collate_packed if packed else (lambda e: collate(e, tok.pad_token_id, "causal-lm"))
+    batch = {**pack(exs), "task_ids": task_ids(exs, packed)}
+    objective = Objective(model, "causal-lm")
+    params = list(model.parameters())
+    grads, loss_sum = task_gradients(objective, [batch], params)
+    assert list(grads) == [0, 1] and all(p.grad is None for p in params)
+    n_total = count_supervised(batch, "causal-lm")
+    alone = [
+        _flat_grad(model, objective, pack([e for e in exs if e[TASK_KEY] == k]), n_total) for k in (0, 1)
+    ]
+    parts = [torch.cat([g.flatten().double() for g in grads[k]]) for k in (0, 1)]
+    for got, want in zip(parts, alone):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+    total = _flat_grad(model, objective, batch, n_total)
+    torch.testing.assert_close(parts[0] + parts[1], total, rtol=1e-4, atol=1e-7)
+    assert loss_sum == pytest.approx(float(objective(batch).loss.detach()), rel=1e-5)
+
+
+def test_a_zero_gradient_has_no_cosine():
+    cos, norms = cosine_matrix([[torch.tensor([1.0, 2.0, 2.0])], [torch.zeros(3)], [None]])
+    assert cos == [[1.0, None, None], [None, None, None], [None, None, None]] and norms == [3.0, 0.0, 0.0]
+
+
+def test_probes_are_drawn_from_their_task_without_touching_any_rng():
+    m = Mixture(("a", "b", "c"), (5, 40, 12), (0.2, 0.5, 0.3), (1.0, 1.0, 1.0))
+    states = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    got = probe_indices(m, 1, 8, seed=3, step=7)
+    assert (torch.equal(states[0], torch.get_rng_state()) and (states[1] == np.random.get_state()[1]).all()
+            and states[2] == random.getstate())  # fmt: skip
+    assert got == probe_indices(m, 1, 8, seed=3, step=7) != probe_indices(m, 1, 8, seed=3, step=8)
+    assert len(set(got)) == 8 and all(5 <= i < 45 for i in got)  # task b owns indices 5..44
+    assert probe_indices(m, 0, 8, seed=3, step=7) == [
+        0,
+        1,
+        2,
+        3,
+        4,
+    ]  # a task smaller than the probe: all of it
 
 
 def _raw(tmp: Path, model: str = "tiny-llama", max_length: int = 128, **train_kw) -> dict:
@@ -114,10 +154,8 @@ def test_the_diagnostic_leaves_training_bit_identical(tmp_path, model):
     assert [r["step"] for r in conflict] == [1, 2, 3, 4]
     for r in conflict:
         m = r["task_grad_cosine"]
-        assert set(r["tasks"]) <= {"a", "b"} and len(m) == len(r["tasks"]) == len(r["task_grad_norm"])
-        assert all(m[i][i] == 1.0 for i in range(len(m)))
-        assert all(m[i][j] == m[j][i] and -1 <= m[i][j] <= 1 for i in range(len(m)) for j in range(len(m)))
-    assert any(len(r["tasks"]) == 2 for r in conflict)
+        assert r["tasks"] == ["a", "b"] and len(m) == len(r["task_grad_norm"]) == 2
+        assert m[0][0] == m[1][1] == 1.0 and m[0][1] == m[1][0] and -1 <= m[0][1] <= 1
     assert (tmp_path / "on" / "run" / "task_conflict.png").stat().st_size > 0
     assert not (tmp_path / "off" / "run" / "task_conflict.png").exists()
 
@@ -181,8 +219,6 @@ def test_pcgrad_step_is_the_hand_projected_sum(tmp_path):
     model = tiny_model("tiny-llama", "causal-lm").train()
     _, tok = build_tiny("tiny-llama")
     exs = sorted(_examples(tok), key=lambda e: e[TASK_KEY])
-    from sftlab.data.mixture import Mixture
-
     m = Mixture(("a", "b"), (3, 3), (0.5, 0.5), (1.0, 1.0))
     t = Trainer(model=model, cfg=cfg.train, task="causal-lm", train_examples=exs, pad_id=tok.pad_token_id,
                 run_dir=tmp_path / "t", mixture=m)  # fmt: skip
@@ -230,6 +266,22 @@ def test_pcgrad_trains_and_resumes_bit_identically(tmp_path, monkeypatch):
     train(again, resume=True, log=lambda *_: None)
     got = _weights(tmp_path / "b" / "run")
     assert all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+def test_pcgrad_warns_when_few_steps_mix_tasks(tmp_path):
+    from sftlab.config import PerfConfig, TrainConfig
+    from sftlab.train.mixture_stream import MixtureStream
+
+    exs = [{"input_ids": [1] * (4 if i < 40 else 60), "labels": [1] * (4 if i < 40 else 60), TASK_KEY: int(i >= 40)}
+           for i in range(80)]  # fmt: skip
+    m = Mixture(("short", "long"), (40, 40), (0.5, 0.5), (1.0, 1.0))
+
+    def note(group: bool) -> str | None:
+        cfg = TrainConfig(batch_size=8, group_by_length=group, progress=False)
+        return pcgrad_note(MixtureStream(exs, "causal-lm", 0, cfg, PerfConfig(), False, mixture=m), 1)
+
+    assert "set train.group_by_length: false" in note(True)  # grouped by length: one task per batch
+    assert note(False) is None
 
 
 def test_task_gradients_skip_tasks_without_targets():
