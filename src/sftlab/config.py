@@ -42,8 +42,10 @@ class ModelConfig(StrictModel):
         ...,
         description="HF id | local dir | path/to/file.gguf | tiny-llama | tiny-gpt2 | tiny-bert | tiny-t5",
     )
-    task: Literal["causal-lm", "seq-cls", "seq2seq"] = Field(
-        "causal-lm", description="What the model is trained to do."
+    task: Literal["causal-lm", "seq-cls", "seq2seq", "masked-lm"] = Field(
+        "causal-lm",
+        description="What the model is trained to do; masked-lm (an encoder's MLM head) goes with train.objective: "
+        "mlm, and is set by it when left out.",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Weights dtype; float32 on CPU."
@@ -122,6 +124,11 @@ class DataConfig(StrictModel):
     )
     limit: int | None = Field(
         None, gt=0, description="Use only the first N records of each file (quick tries)."
+    )
+    documents: Literal["line", "paragraph", "file"] = Field(
+        "line",
+        description="How a .txt file splits into records (documents): one per non-empty line, one per run of "
+        "non-blank lines (paragraph: blank lines separate documents), or the whole file.",
     )
     tasks: list[TaskConfig] | None = Field(
         None,
@@ -324,6 +331,19 @@ class TrainConfig(StrictModel):
         gt=0,
         description="torch threads; default: the physical cores idle at start (others' busy cores left alone).",
     )
+    objective: Literal["sft", "clm", "mlm", "span"] = Field(
+        "sft",
+        description="sft: supervised (the data's responses or labels); self-supervised on unlabelled text (data.format: "
+        "text): clm (causal-lm: next token on every token of blocks of data.max_length), mlm (masked-lm: BERT's "
+        "masking, re-drawn each epoch), span (seq2seq: T5's span corruption). See README 'Unlabelled data'.",
+    )
+    noise_density: float = Field(
+        0.15,
+        gt=0,
+        lt=1,
+        description="mlm: the share of tokens chosen for masking; span: the share of tokens corrupted.",
+    )
+    mean_span_length: float = Field(3.0, ge=1, description="span: mean length of a corrupted span (T5: 3).")
     progress: bool = Field(
         True,
         description="Show progress: a bar on a terminal; otherwise (a log, a pipe) a plain line at step 1, "
@@ -467,6 +487,36 @@ class RunConfig(StrictModel):
             raise ValueError(
                 "data.tasks: a seq-cls mixture needs one classification head per task, which is not built yet; "
                 "train the tasks as text for now (model.task causal-lm or seq2seq, each task format classification)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _objective(self):
+        """A self-supervised objective reads one text corpus and fixes the model's head (the task kind)."""
+        obj, needs = self.train.objective, {"clm": "causal-lm", "mlm": "masked-lm", "span": "seq2seq"}
+        if obj == "sft":
+            if self.model.task == "masked-lm":
+                raise ValueError(
+                    "model.task: masked-lm trains with train.objective: mlm (on unlabelled text); set it, or pick "
+                    "the task of the supervised stage (seq-cls for a classifier)"
+                )
+            return self
+        if "task" not in self.model.model_fields_set:
+            self.model.task = needs[obj]
+        elif self.model.task != needs[obj]:
+            raise ValueError(
+                f"model.task: {self.model.task!r} does not fit train.objective: {obj}, which trains a "
+                f"{needs[obj]} model; set model.task: {needs[obj]} or leave it out"
+            )
+        if self.data.tasks is not None:
+            raise ValueError(
+                f"train.objective: {obj} trains on one text corpus (data.train); data.tasks is for supervised mixtures"
+            )
+        if "format" not in self.data.model_fields_set:
+            self.data.format = "text"
+        elif self.data.format != "text":
+            raise ValueError(
+                f"data.format: {self.data.format!r}: train.objective: {obj} reads unlabelled text; set data.format: text"
             )
         return self
 

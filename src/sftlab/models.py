@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
+    AutoModelForMaskedLM,
     AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -32,7 +33,7 @@ from transformers import (
 
 from .errors import ModelError
 
-TASKS = ("causal-lm", "seq-cls", "seq2seq")
+TASKS = ("causal-lm", "seq-cls", "seq2seq", "masked-lm")
 TINY_NAMES = ("tiny-llama", "tiny-gpt2", "tiny-bert", "tiny-t5")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,6 +41,7 @@ _AUTO_CLASSES = {
     "causal-lm": AutoModelForCausalLM,
     "seq-cls": AutoModelForSequenceClassification,
     "seq2seq": AutoModelForSeq2SeqLM,
+    "masked-lm": AutoModelForMaskedLM,  # an encoder with its MLM head (train.objective: mlm)
 }
 
 SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}

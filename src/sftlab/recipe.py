@@ -20,6 +20,7 @@ from . import hub
 from .config import RunConfig
 from .data import EncodedData
 from .data import load_data as _read_and_encode
+from .data.corpus import load_corpus
 from .data.mixture import mixture_table
 from .data.tasks import TaskSet, load_tasks, longest_max_length
 from .errors import RunDirError
@@ -46,7 +47,10 @@ def load_data(
     data joined into a TaskSet (data/tasks.py) whose train side carries the mixture."""
     if cfg.data.tasks is not None:
         return load_tasks(cfg.data, tokenizer, cfg.model.task, cfg.train.seed, log)
-    train_data, eval_data = _read_and_encode(cfg.data, tokenizer, cfg.model.task, cfg.train.seed)
+    if cfg.train.objective != "sft":  # unlabelled text: blocks, corrupted per epoch (data/corpus.py)
+        train_data, eval_data = load_corpus(cfg.data, tokenizer, cfg.model.name, cfg.train)
+    else:
+        train_data, eval_data = _read_and_encode(cfg.data, tokenizer, cfg.model.task, cfg.train.seed)
     st = train_data.stats
     log(
         f"data: {st.get('examples')} train examples, {st.get('supervised_tokens')} supervised tokens, "
@@ -203,6 +207,7 @@ def train(
         perf=cfg.perf,
         mixture=getattr(train_data, "mixture", None),
         task_eval=task_evaluation(cfg, tokenizer),
+        transform=getattr(train_data, "transform", None),
     )
     tasks = describe_mixture(trainer, train_data, log)
     if resume:

@@ -149,7 +149,7 @@ def collate(
         batch["labels"] = torch.tensor([int(ex["labels"]) for ex in examples], dtype=torch.long)  # (B,)
     elif task == "seq2seq":
         batch["labels"] = _pad([ex["labels"] for ex in examples], IGNORE, "right")  # (B, T_out)
-    elif task == "causal-lm":
+    elif task in ("causal-lm", "masked-lm"):  # masked-lm: the original token at masked positions, else IGNORE
         batch["labels"] = _pad([ex["labels"] for ex in examples], IGNORE, padding_side)  # (B, T)
     else:
         raise ValueError(f"unknown task {task!r}")

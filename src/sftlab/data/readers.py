@@ -4,7 +4,9 @@ Supported: .json (a list of records, or JSON lines), .jsonl, .csv, .tsv, .parque
 them (read recursively in sorted path order, hidden files skipped). Locations are 1-based lines: the line a
 JSON-lines record is on, the line a JSON-list record's `{` starts on, the line a CSV/TSV row starts on (the
 header is line 1), the row number for parquet (no lines there). A .txt file gives one record `{"text": line}`
-per non-empty line (line-per-document, as in wiki dumps; use .jsonl for multi-line documents).
+per non-empty line (line-per-document, as in wiki dumps), or with `documents="paragraph"` one per run of non-blank
+lines (blank lines separate documents, lines inside one are joined with "\n"), or with `documents="file"` one
+for the whole file (`data.documents`).
 
 CSV/TSV files have a header row, unless every value in `columns` is a column number ("0", "1", ...) that
 is not a header name: then the file is read headerless with fields named "0", "1", ... (GLUE's RTE val.tsv
@@ -66,12 +68,13 @@ def list_files(path: str | Path) -> list[Path]:
 
 
 def read_records(
-    path: str | Path, columns: dict[str, str] | None = None, limit: int | None = None
+    path: str | Path, columns: dict[str, str] | None = None, limit: int | None = None, documents: str = "line"
 ) -> list[RawRecord]:
-    """All records under `path` (first `limit` if given), with `columns` renames applied (new name: old name)."""
+    """All records under `path` (first `limit` if given), with `columns` renames applied (new name: old name);
+    `documents`: how a .txt file splits into records (line | paragraph | file)."""
     out: list[RawRecord] = []
     for f in list_files(path):
-        for rec in _read_file(f, columns or {}):
+        for rec in _read_file(f, columns or {}, documents):
             out.append(_rename(rec, columns or {}))
             if limit is not None and len(out) >= limit:
                 return out
@@ -94,16 +97,16 @@ def _rename(rec: RawRecord, columns: dict[str, str]) -> RawRecord:
     return RawRecord(rec.where, fields)
 
 
-def _read_file(f: Path, columns: dict[str, str]) -> Iterator[RawRecord]:
+def _read_file(f: Path, columns: dict[str, str], documents: str = "line") -> Iterator[RawRecord]:
     try:
-        yield from _read_any(f, columns)
+        yield from _read_any(f, columns, documents)
     except UnicodeDecodeError as e:
         raise DataError(
             f"{f}: not UTF-8 text ({e.reason} at byte {e.start}); convert it first, e.g. iconv -f latin1 -t utf-8"
         ) from None
 
 
-def _read_any(f: Path, columns: dict[str, str]) -> Iterator[RawRecord]:
+def _read_any(f: Path, columns: dict[str, str], documents: str = "line") -> Iterator[RawRecord]:
     suffix = f.suffix.lower()
     if suffix == ".jsonl":
         yield from _read_jsonl(f, f.read_text(encoding="utf-8-sig"))
@@ -114,7 +117,7 @@ def _read_any(f: Path, columns: dict[str, str]) -> Iterator[RawRecord]:
     elif suffix == ".parquet":
         yield from _read_parquet(f)
     else:
-        yield from _read_txt(f)
+        yield from _read_txt(f, documents)
 
 
 def _object(f: Path, line: int, value: Any) -> RawRecord:
@@ -219,7 +222,20 @@ def _read_parquet(f: Path) -> Iterator[RawRecord]:
         yield RawRecord(f"{f}:{i}", row)
 
 
-def _read_txt(f: Path) -> Iterator[RawRecord]:
-    for i, line in enumerate(f.read_text(encoding="utf-8-sig").splitlines(), start=1):
-        if line.strip():
+def _read_txt(f: Path, documents: str = "line") -> Iterator[RawRecord]:
+    text = f.read_text(encoding="utf-8-sig")
+    if documents == "file":
+        if text.strip():
+            yield RawRecord(f"{f}:1", {"text": text})
+        return
+    para: list[str] = []
+    start = 0
+    for i, line in enumerate([*text.splitlines(), ""], start=1):  # a last blank line ends the last paragraph
+        if documents == "line" and line.strip():
             yield RawRecord(f"{f}:{i}", {"text": line})
+        elif documents == "paragraph" and line.strip():
+            start = start or i
+            para.append(line)
+        elif para:
+            yield RawRecord(f"{f}:{start}", {"text": "\n".join(para)})
+            para, start = [], 0

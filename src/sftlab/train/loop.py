@@ -128,6 +128,8 @@ class Trainer:
     mixture: Mixture | None = None
     # data.tasks: how each task's eval set is scored (default: its loss only); see train/task_eval.py
     task_eval: TaskEval | None = None
+    # train.objective mlm/span: (example, epoch, index) -> the corrupted example, re-drawn per epoch (data/corpus.py)
+    transform: Callable[[dict, int, int], dict] | None = None
 
     def __post_init__(self) -> None:
         c = self.cfg
@@ -139,7 +141,14 @@ class Trainer:
             self.perf.packing, self.task, self.model, self.train_examples, self.log
         )
         self.stream = make_stream(
-            self.train_examples, self.task, self.pad_id, c, self.perf, self.packing, self.mixture
+            self.train_examples,
+            self.task,
+            self.pad_id,
+            c,
+            self.perf,
+            self.packing,
+            self.mixture,
+            self.transform,
         )
         self.batches_per_epoch = len(self.stream.epoch(0))
         if c.max_steps:

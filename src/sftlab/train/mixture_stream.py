@@ -47,8 +47,11 @@ class MixtureStream(BatchStream):
         return batch
 
 
-def make_stream(examples, task, pad_id, cfg, perf, packing, mixture: Mixture | None = None) -> BatchStream:
-    """The run's sampler: the one-task stream, or the mixture's when `data.tasks` made one."""
+def make_stream(
+    examples, task, pad_id, cfg, perf, packing, mixture: Mixture | None = None, transform=None
+) -> BatchStream:
+    """The run's sampler: the one-task stream (each example rewritten by `transform` if given: a self-supervised
+    objective's corruption), or the mixture's when `data.tasks` made one."""
     if mixture is None:
-        return BatchStream(examples, task, pad_id, cfg, perf, packing)
+        return BatchStream(examples, task, pad_id, cfg, perf, packing, transform=transform)
     return MixtureStream(examples, task, pad_id, cfg, perf, packing, mixture=mixture)

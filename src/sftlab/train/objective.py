@@ -32,7 +32,7 @@ from ..data.batching import IGNORE
 from . import tail, varlen
 from .loss import linear_cross_entropy_sum
 
-TASKS = ("causal-lm", "seq2seq", "seq-cls")
+TASKS = ("causal-lm", "seq2seq", "seq-cls", "masked-lm")
 _INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
@@ -47,7 +47,7 @@ def count_supervised(batch: dict, task: str) -> int:
     labels = batch["labels"]
     if task == "causal-lm":
         return int((labels[:, 1:] != IGNORE).sum())
-    if task == "seq2seq":
+    if task in ("seq2seq", "masked-lm"):
         return int((labels != IGNORE).sum())
     return int(labels.numel())
 
@@ -109,6 +109,8 @@ class Objective(nn.Module):
             return self._causal_lm(batch, weights)
         if self.task == "seq2seq":
             return self._seq2seq(batch, weights)
+        if self.task == "masked-lm":
+            return self._masked_lm(batch)
         return self._seq_cls(batch, weights)
 
     def _causal_lm(self, batch: dict[str, torch.Tensor], weights: torch.Tensor | None = None) -> LossSums:
@@ -185,3 +187,13 @@ class Objective(nn.Module):
         else:
             loss = (F.cross_entropy(logits, labels, reduction="none") * weights).sum()
         return LossSums(loss, int(labels.numel()), correct)
+
+    def _masked_lm(self, batch: dict[str, torch.Tensor]) -> LossSums:
+        """MLM (train.objective: mlm): cross-entropy of the MLM head at the masked positions (labels not IGNORE).
+        The head runs on every position (its transform + decoder differ per architecture, so it is not split)."""
+        labels = batch["labels"]  # (B, T): the original token where masked, IGNORE elsewhere
+        logits = self.model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()  # (B, T, V)
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+        )
+        return LossSums(loss, int((labels != IGNORE).sum()))

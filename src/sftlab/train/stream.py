@@ -1,11 +1,14 @@
 """The sampler: which examples each optimizer step sees, cut into passes and collated.
 
 Orders are pure functions of (seed, epoch) (`data/batching.py`) and the position (epoch, batch index) lives in
-the loop state that checkpoints save, so a resumed run continues the exact data order.
+the loop state that checkpoints save, so a resumed run continues the exact data order. A `transform` (the
+self-supervised objectives' masking or span corruption, `data/corpus.py`) rewrites each example as it is
+collated, from (example, epoch, index) alone, so it is re-drawn every epoch and resumes exactly too.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -29,11 +32,14 @@ class BatchStream:
     cfg: TrainConfig
     perf: PerfConfig
     packing: bool
+    # (example, epoch, index) -> the example to train on, with `.length(example)` its batching cost; None: as is
+    transform: Callable[[dict, int, int], dict] | None = field(default=None, kw_only=True)
     lengths: list[int] = field(init=False)
     _cached: tuple[int, list[list[int]]] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.lengths = example_lengths(self.examples)
+        t = self.transform
+        self.lengths = [t.length(ex) for ex in self.examples] if t else example_lengths(self.examples)
 
     def epoch(self, epoch: int) -> list[list[int]]:
         """The micro-batches (example indices) of one epoch, in order."""
@@ -73,8 +79,14 @@ class BatchStream:
 
     def next_step(self, state, grad_accum: int) -> list[dict[str, torch.Tensor]]:
         """The collated passes of one optimizer step: `grad_accum` micro-batches, each cut by the token cap."""
-        return [
-            self.collate([self.examples[i] for i in part])
-            for _ in range(grad_accum)
-            for part in self.split_by_tokens(self.next_batch(state))
-        ]
+        passes = []
+        for _ in range(grad_accum):
+            batch = self.next_batch(state)  # state.epoch is now the batch's epoch
+            for part in self.split_by_tokens(batch):
+                passes.append(self.collate([self.example(i, state.epoch) for i in part]))
+        return passes
+
+    def example(self, index: int, epoch: int) -> dict:
+        """Example `index` as epoch `epoch` trains on it (the transform's rewrite, if any)."""
+        ex = self.examples[index]
+        return self.transform(ex, epoch, index) if self.transform is not None else ex
