@@ -483,11 +483,42 @@ class RunConfig(StrictModel):
 
     @model_validator(mode="after")
     def _task_kinds(self):
-        if self.data.tasks is not None and self.model.task == "seq-cls":
-            raise ValueError(
-                "data.tasks: a seq-cls mixture needs one classification head per task, which is not built yet; "
-                "train the tasks as text for now (model.task causal-lm or seq2seq, each task format classification)"
-            )
+        """seq-cls mixtures: classification tasks, one head each. method.per_task: one adapter per task."""
+        tasks = self.data.tasks
+        if tasks is not None and self.model.task == "seq-cls":
+            for i, t in enumerate(tasks):
+                if t.format != "classification":
+                    raise ValueError(
+                        f"data.tasks[{i}].format: {t.format!r} on a seq-cls model; each task gets a classification "
+                        "head, so each needs format classification (text tasks: model.task causal-lm or seq2seq)"
+                    )
+        if self.method.per_task:
+            name = self.method.name
+            if tasks is None:
+                raise ValueError(
+                    "method.per_task: true gives each of data.tasks its own adapter; a run on one data.train has one "
+                    "task (drop the key, or list the tasks under data.tasks)"
+                )
+            if name in ("full", "freeze"):
+                raise ValueError(
+                    f"method.per_task: {name} trains the shared weights themselves, so there is no adapter to give "
+                    "each task; use method.name lora or adapter for one adapter per task, or per_task: false"
+                )
+            if get_method(name).route is None:
+                raise ValueError(
+                    f"method.per_task: {name} cannot hold one adapter per task yet (its virtual tokens are one "
+                    "prompt for the whole batch, not chosen per row); use lora or adapter, or per_task: false"
+                )
+            if getattr(self.method, "modules_to_save", None):
+                raise ValueError(
+                    "method.modules_to_save: not with per_task: true (a per-task copy of a whole module is not "
+                    "routed per row); seq-cls heads are per task already. Drop it, or use per_task: false"
+                )
+            if self.train.gradient_checkpointing:
+                raise ValueError(
+                    "train.gradient_checkpointing: not with method.per_task: true (the forward recomputed in backward "
+                    "would not see each row's task); turn one of them off"
+                )
         return self
 
     @model_validator(mode="after")

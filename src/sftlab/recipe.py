@@ -1,6 +1,6 @@
 """`sftlab train` as a recipe of explicit steps, each a function a pipeline or a multi-task run can call alone:
 
-    load_tokenizer -> load_data -> load_base -> apply_method -> fit -> save_final (runs.py)
+    load_tokenizer -> load_data -> load_base -> add_task_heads -> apply_method -> fit -> save_final (runs.py)
 
 `prepare` runs the setup steps; `train` runs them all into a run directory and writes summary.json.
 """
@@ -24,6 +24,7 @@ from .data.corpus import load_corpus
 from .data.mixture import mixture_table
 from .data.tasks import TaskSet, load_tasks, longest_max_length
 from .errors import RunDirError
+from .methods import multitask
 from .methods._targets import count_parameters
 from .models import check_positions, enable_activation_checkpointing
 from .rundir import check_run_dir, owned_entries, started_run
@@ -71,15 +72,22 @@ def describe_mixture(trainer: Trainer, train_data: EncodedData, log=print) -> li
     return mixture.describe(epochs, supervised)
 
 
-def task_evaluation(cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> TaskEval | None:
-    """How a multi-task run scores each task's eval set (train/task_eval.py); None for a one-task run."""
+def task_evaluation(
+    cfg: RunConfig, tokenizer: PreTrainedTokenizerBase, model: torch.nn.Module | None = None
+) -> TaskEval | None:
+    """How a multi-task run scores each task's eval set (train/task_eval.py); None for a one-task run. A model with
+    per-task heads/adapters generates each task's answers through its own (methods/multitask.routed)."""
     if cfg.data.tasks is None:
         return None
+    route = None
+    if model is not None and multitask.routes(model):
+        route = lambda index, _rows: multitask.routed(model, index)  # noqa: E731
     return TaskEval(
         task_specs(cfg.data, cfg.model.task),
         tokenizer,
         cfg.train.eval_generate_limit,
         getattr(cfg.method, "num_virtual_tokens", 0) or 0,
+        route=route,
     )
 
 
@@ -118,11 +126,24 @@ def load_base(
     return model
 
 
+def add_task_heads(model: torch.nn.Module, cfg: RunConfig, train_data: EncodedData) -> None:
+    """A seq-cls mixture: one classification head per task, each with its task's label set (methods/task_heads.py),
+    in place of the model's head, seeded."""
+    if cfg.data.tasks is None or cfg.model.task != "seq-cls" or not isinstance(train_data, TaskSet):
+        return
+    torch.manual_seed(cfg.train.seed)
+    multitask.add_heads(model, train_data.names, train_data.task_labels)
+
+
 def apply_method(model: torch.nn.Module, cfg: RunConfig, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Freeze the base and add the method's trainable parts, seeded; activation checkpointing if asked."""
+    """Freeze the base and add the method's trainable parts, seeded (a multi-task run: shared by its tasks, or one
+    adapter per task); activation checkpointing if asked."""
     spec, ctx = method_of(cfg, tokenizer)
     torch.manual_seed(cfg.train.seed)
-    spec.apply(model, cfg.method, ctx)
+    if cfg.data.tasks is not None:
+        multitask.apply_method(model, spec, cfg.method, ctx, [t.name for t in cfg.data.tasks])
+    else:
+        spec.apply(model, cfg.method, ctx)
     if cfg.train.gradient_checkpointing:
         enable_activation_checkpointing(model)
         model.config.use_cache = False
@@ -136,6 +157,7 @@ def prepare(cfg: RunConfig, log=print):
     virtual = getattr(cfg.method, "num_virtual_tokens", 0) or 0  # prompt/prefix methods take positions too
     length, key = longest_max_length(cfg.data)
     check_positions(model, length, key, virtual, f"method {cfg.method.name}")
+    add_task_heads(model, cfg, train_data)
     apply_method(model, cfg, tokenizer)
     return model, tokenizer, train_data, eval_data
 
@@ -206,7 +228,7 @@ def train(
         log=log,
         perf=cfg.perf,
         mixture=getattr(train_data, "mixture", None),
-        task_eval=task_evaluation(cfg, tokenizer),
+        task_eval=task_evaluation(cfg, tokenizer, model),
         transform=getattr(train_data, "transform", None),
     )
     tasks = describe_mixture(trainer, train_data, log)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 IGNORE = -100  # the label of a position that gets no loss (torch's ignore_index); its one definition
+TASK_KEY = "task"  # a multi-task example's task index (data/tasks.py); collated into `task_ids`
 MEGA = 50  # mega-chunk = MEGA batches: enough to group lengths, small enough to keep randomness
 
 
@@ -153,6 +154,10 @@ def collate(
         batch["labels"] = _pad([ex["labels"] for ex in examples], IGNORE, padding_side)  # (B, T)
     else:
         raise ValueError(f"unknown task {task!r}")
+    if (
+        TASK_KEY in examples[0]
+    ):  # multi-task: each row's task, for routing to its head/adapter and its loss weight
+        batch["task_ids"] = torch.tensor([ex[TASK_KEY] for ex in examples], dtype=torch.long)  # (B,)
     return batch
 
 
@@ -175,8 +180,13 @@ def collate_packed(examples: list[dict], task: str = "causal-lm") -> dict[str, t
         ids += ex["input_ids"]
         pos += range(n)
         labels += [IGNORE, *ex["labels"][1:]] if n else []
-    return {
+    batch = {
         "input_ids": torch.tensor([ids], dtype=torch.long),  # (1, N)
         "position_ids": torch.tensor([pos], dtype=torch.long),  # (1, N)
         "labels": torch.tensor([labels], dtype=torch.long),  # (1, N)
     }
+    if examples and TASK_KEY in examples[0]:  # multi-task: each token's task (a row holds several examples)
+        batch["task_ids"] = torch.tensor(
+            [[ex[TASK_KEY] for ex in examples for _ in ex["input_ids"]]]
+        )  # (1, N)
+    return batch

@@ -5,10 +5,12 @@ system prompt and max_length; its examples are tagged with the task's index (`TA
 are joined into one list, task 0's first, which the mixture sampler (`mixture.py`) indexes. Errors name the task,
 and (from the readers) the file and line.
 
-Text tasks (causal-lm, seq2seq) may mix any text formats; a `format: classification` task on a text model is
-classification as text: each record becomes a one-turn chat, the user turn its text (and text_pair), the
-assistant turn its label's name (`label_names[label]` when labels are indices, else the label itself), with the
-task's `system_prompt` as the instruction (on an encoder-decoder it is joined in front of the source).
+On a seq-cls model every task is a classification task with its own label set (`label_names`, else the sorted
+labels seen), for its own head (methods/task_heads.py). Text tasks (causal-lm, seq2seq) may mix any text formats;
+a `format: classification` task on a text model is classification as text: each record becomes a one-turn chat,
+the user turn its text (and text_pair), the assistant turn its label's name (`label_names[label]` when labels are
+indices, else the label itself), with the task's `system_prompt` as the instruction (on an encoder-decoder it is
+joined in front of the source).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .batching import TASK_KEY
 from .encode import EncodedData
 from .formats import Chat, Labeled, Turn, parse_record
 from .load import load_data
@@ -28,7 +31,6 @@ from .readers import DataError, RawRecord, short
 
 log = logging.getLogger(__name__)
 
-TASK_KEY = "task"  # an encoded example's task index (into data.tasks); collate turns it into `task_ids`
 TEXT_TASKS = ("causal-lm", "seq2seq")
 
 
@@ -36,11 +38,17 @@ TEXT_TASKS = ("causal-lm", "seq2seq")
 class TaskSet(EncodedData):
     """All tasks' examples in one list (task 0's first, each tagged with TASK_KEY), plus each task's own data.
 
-    `parts[i]` is task i's EncodedData (None: that task has no eval set); `mixture` is set on the train side."""
+    `parts[i]` is task i's EncodedData (None: that task has no eval set); `mixture` is set on the train side.
+    `label_names` stays None: on a seq-cls model each task has its own head and label set (`task_labels`)."""
 
     names: list[str] = field(default_factory=list)
     parts: list[EncodedData | None] = field(default_factory=list)
     mixture: Mixture | None = None
+
+    @property
+    def task_labels(self) -> list[list[str] | None]:
+        """Each task's label names (seq-cls: its head's classes, in output order; None for a text task)."""
+        return [p.label_names if p is not None else None for p in self.parts]
 
 
 def task_data_config(data_cfg: Any, task: Any) -> Any:
@@ -120,11 +128,6 @@ def load_tasks(
     data_cfg: Any, tokenizer: Any, model_task: str, seed: int = 0, log_line: Callable[[str], None] = print
 ) -> tuple[TaskSet, TaskSet | None]:
     """(train, eval or None) of every task in `data_cfg.tasks`, joined; the train side carries the mixture."""
-    if model_task not in TEXT_TASKS:
-        raise DataError(
-            f"data.tasks: model.task {model_task!r} mixtures need one classification head per task (not built yet); "
-            "train classification tasks as text: model.task causal-lm or seq2seq with format classification"
-        )
     tasks = data_cfg.tasks
     names = [t.name for t in tasks]
     trains: list[EncodedData | None] = []

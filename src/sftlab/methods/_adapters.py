@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._targets import TASK_HEAD_NAMES, freeze_all, get_submodule_parent, task_head_modules
+from ._targets import TASK_HEAD_NAMES, freeze_all, get_submodule_parent, is_task_heads, task_head_modules
 
 BASE_ROW = "__base__"  # row name meaning "no adapter" in a mixed batch (PEFT's convention)
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -43,16 +43,31 @@ def row_groups(names: Sequence[str], device: torch.device) -> dict[str, torch.Te
     return {n: torch.tensor(idx, device=device) for n, idx in groups.items()}
 
 
-def mix_rows(
-    base: torch.Tensor, names: Sequence[str], branch: Callable[[str, torch.Tensor], torch.Tensor | None]
-) -> torch.Tensor:
-    """`base` (B, ...) with each name's rows replaced by branch(name, rows) (None: that name keeps the base rows).
+Index = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
 
-    Every switch routes a mixed batch through this, so a row's result does not depend on its neighbours."""
-    if base.shape[0] != len(names):
-        raise ValueError(f"adapter_per_row: {len(names)} names for a batch of {base.shape[0]} rows")
+
+def name_groups(names: Sequence[str], shape: torch.Size, device: torch.device) -> dict[str, Index]:
+    """{name: index} for a tensor of `shape` (B, ...): one name per row (index: rows (n,)), or one per token of
+    (B, T, ...) (a packed row holds examples of several tasks; index: (rows (n,), positions (n,)), flattened
+    row-major). Either index selects (n, ...) with `x[index]` and assigns with `out[index] = ...`."""
+    b = shape[0]
+    if len(names) == b:
+        return row_groups(names, device)
+    if len(shape) > 2 and len(names) == b * shape[1]:
+        t = shape[1]
+        return {n: (flat // t, flat % t) for n, flat in row_groups(names, device).items()}
+    raise ValueError(f"adapter_per_row: {len(names)} names for a batch of {b} rows of {tuple(shape[1:-1])}")
+
+
+def mix_rows(
+    base: torch.Tensor, names: Sequence[str], branch: Callable[[str, Index], torch.Tensor | None]
+) -> torch.Tensor:
+    """`base` (B, ...) with each name's rows (or tokens, see `name_groups`) replaced by branch(name, index) (None:
+    that name keeps the base rows).
+
+    Every switch routes a mixed batch through this, so a row's (token's) result does not depend on its neighbours."""
     out = base.clone()
-    for name, idx in row_groups(names, base.device).items():
+    for name, idx in name_groups(names, base.shape, base.device).items():
         rows = None if name == BASE_ROW else branch(name, idx)
         if rows is not None:
             out[idx] = rows  # (n, ...)
@@ -156,7 +171,7 @@ def resolve_saved(model: nn.Module, wanted: list[str] | None, task: str) -> list
     """Paths of the modules_to_save: `wanted` as name suffixes, or by default the task's fresh head."""
     if wanted is None:
         return task_head_modules(model, task)
-    mods = [n for n, _ in plain_modules(model)]
+    mods = [n for n, m in plain_modules(model) if not is_task_heads(m)]
     found: list[str] = []
     for want in wanted:
         hits = [n for n in mods if n == want or n.endswith("." + want)]
@@ -247,14 +262,15 @@ def activate(model: nn.Module, reg: Registry, name: str | None) -> None:
         s.active = name
 
 
-def train_only(model: nn.Module, reg: Registry, name: str | None) -> None:
-    """Exactly adapter `name`'s tensors train; the base and every other adapter stay frozen."""
+def train_only(model: nn.Module, reg: Registry, name: str | Sequence[str] | None) -> None:
+    """Exactly adapter `name`'s tensors train (or those of each name in a list: one adapter per task); the base and
+    every other adapter stay frozen."""
     freeze_all(model)
-    if name is None:
-        return
+    names = [] if name is None else [name] if isinstance(name, str) else list(name)
     for s in switches(model, reg):
-        for p in s.adapter_parameters(name):
-            p.requires_grad_(True)
+        for n in names:
+            for p in s.adapter_parameters(n):
+                p.requires_grad_(True)
 
 
 @contextmanager
@@ -286,6 +302,28 @@ def per_row(model: nn.Module, reg: Registry, names: Sequence[str | None]) -> Ite
         )
     with _held(model, reg, "row_names", rows, None):
         yield
+
+
+@contextmanager
+def routed(model: nn.Module, reg: Registry, name: str | None) -> Iterator[None]:
+    """Inside the block the whole batch uses adapter `name` (routing only: what trains is unchanged); each switch's
+    routing is restored after it."""
+    if name is not None:
+        reg.require(name)
+    held = list(switches(model, reg))
+    before = [(s.active, s.row_names) for s in held]
+    for s in held:
+        s.active, s.row_names = name, None
+    try:
+        yield
+    finally:
+        for s, (active, rows) in zip(held, before):
+            s.active, s.row_names = active, rows
+
+
+def registries(model: nn.Module) -> dict[str, Registry]:
+    """Every method's named-adapter registry on the model, by attribute."""
+    return {k: v for k, v in vars(model).items() if isinstance(v, Registry)}
 
 
 def remove(model: nn.Module, reg: Registry, name: str) -> None:

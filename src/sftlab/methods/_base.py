@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
 from torch import nn
 
 from ..strict import StrictModel
@@ -23,15 +24,22 @@ from ..strict import StrictModel
 
 class MethodConfigBase(StrictModel):
     name: str
+    per_task: bool = Field(
+        False,
+        description="data.tasks: false: one method shared by every task; true: one adapter per task (lora, adapter) "
+        "on the frozen shared base, each batch row routed to its task's adapter, saved as final/<task>/.",
+    )
 
 
 @dataclass
 class MethodContext:
-    """What a method may need beyond its own config: the task kind, tokenizer and base model name."""
+    """What a method may need beyond its own config: the task kind, tokenizer and base model name, and which
+    named adapter `apply`/`save`/`load` act on (a multi-task run with method.per_task adds one per task)."""
 
     task: str = "causal-lm"
     tokenizer: Any = None
     base_model_name: str = ""
+    adapter: str = "default"
 
 
 ApplyFn = Callable[[nn.Module, Any, MethodContext], None]
@@ -54,4 +62,9 @@ class MethodSpec:
     # model -> the same model with the method folded into plain weights (None: not mergeable).
     merge: MergeFn | None = None
     # (model, one adapter name per batch row) -> context manager routing each row (None: no named adapters).
+    # A method with `route` can hold one adapter per task: `apply` with ctx.adapter adds that adapter (leaving it
+    # trainable), `save`/`load` write and read it.
     route: RouteFn | None = None
+    # Key prefix of modules_to_save tensors in the method's adapter files (PEFT LoRA: "base_model.model.", PEFT
+    # prompt learning: "base_model."): a multi-task run adds each task's classification head to that task's files.
+    saved_prefix: str | None = None

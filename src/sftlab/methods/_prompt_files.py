@@ -20,7 +20,8 @@ from .peft_format import TASK_TYPES, read_adapter, write_adapter
 
 EMBEDDINGS_KEY = "prompt_embeddings"
 # Prompt learning saves heads under the first prefix; LoRA-style adapters under the second.
-_HEAD_PREFIXES = ("base_model.", "base_model.model.")
+HEAD_PREFIX = "base_model."
+_HEAD_PREFIXES = (HEAD_PREFIX, "base_model.model.")
 
 
 def peft_config(peft_type: str, model: nn.Module, ctx: MethodContext, **fields) -> dict:

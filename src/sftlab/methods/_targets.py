@@ -32,11 +32,19 @@ def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), child
 
 
+def is_task_heads(module: nn.Module) -> bool:
+    """A multi-task run's per-task heads (`task_heads.TaskHeads`): trained and saved per task by the multi-task
+    layer, never copied whole into a method's modules_to_save."""
+    return getattr(module, "per_task_heads", False)
+
+
 def task_head_modules(model: nn.Module, task: str) -> list[str]:
     """Names of freshly initialised task heads (seq-cls) that should be trained and saved with an adapter."""
     if task != "seq-cls":
         return []
-    return [n for n, _ in model.named_modules() if n.split(".")[-1] in TASK_HEAD_NAMES]
+    return [
+        n for n, m in model.named_modules() if n.split(".")[-1] in TASK_HEAD_NAMES and not is_task_heads(m)
+    ]
 
 
 def unfreeze_modules(model: nn.Module, names: Iterable[str]) -> None:

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ._base import MethodConfigBase, MethodContext, MethodSpec
-from ._targets import block_lists, freeze_all, task_head_modules, unfreeze_modules
+from ._targets import block_lists, freeze_all, is_task_heads, task_head_modules, unfreeze_modules
 
 
 class FullConfig(MethodConfigBase):
@@ -65,8 +65,8 @@ def _apply_freeze(model: nn.Module, cfg: FreezeConfig, ctx: MethodContext) -> No
         for n, p in model.named_parameters():
             if any(pat.search(n) for pat in pats):
                 p.requires_grad_(True)
-    if cfg.train_head:
-        heads = task_head_modules(model, ctx.task)
+    if cfg.train_head:  # the fresh head, or a multi-task run's per-task heads
+        heads = task_head_modules(model, ctx.task) + [n for n, m in model.named_modules() if is_task_heads(m)]
         out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if out is not None and ctx.task != "seq-cls":
             out.weight.requires_grad_(True)

@@ -39,3 +39,13 @@ def read_adapter(in_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
             )
         raise FileNotFoundError(f"{w_path}: no adapter weights here")
     return read_json_object(cfg_path, "adapter config"), read_safetensors(w_path)
+
+
+def add_saved_module(out_dir: str | Path, prefix: str, path: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Add a whole module's tensors (keys "<path>.<param>") to a written adapter as a module to save: listed in
+    the config's modules_to_save, stored under `prefix` + key (each method's layout: PEFT LoRA "base_model.model.",
+    PEFT prompt learning "base_model.", sftlab's bottleneck adapter "modules_to_save.")."""
+    config, weights = read_adapter(out_dir)
+    saved = list(config.get("modules_to_save") or [])
+    config["modules_to_save"] = saved + ([path] if path not in saved else [])
+    write_adapter(out_dir, config, {**weights, **{prefix + k: v for k, v in tensors.items()}})

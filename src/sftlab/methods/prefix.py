@@ -33,7 +33,7 @@ from ._kv_seam import (
     input_length,
     install_prefix_attention,
 )
-from ._prompt_files import load_heads, peft_config, read_checked, save_adapter, train_heads
+from ._prompt_files import HEAD_PREFIX, load_heads, peft_config, read_checked, save_adapter, train_heads
 from ._targets import freeze_all
 
 ATTR = "sftlab_prefix"
@@ -196,4 +196,5 @@ METHOD = MethodSpec(
     _save,
     _load,
     help="Prefix tuning: learned key/value vectors in front of every attention layer.",
+    saved_prefix=HEAD_PREFIX,
 )

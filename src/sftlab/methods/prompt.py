@@ -32,7 +32,7 @@ from ._kv_seam import (
     input_length,
     strip_output,
 )
-from ._prompt_files import load_heads, peft_config, read_checked, save_adapter, train_heads
+from ._prompt_files import HEAD_PREFIX, load_heads, peft_config, read_checked, save_adapter, train_heads
 from ._targets import freeze_all
 
 ATTR = "sftlab_prompt"
@@ -354,6 +354,7 @@ METHODS = {
         _save,
         _load,
         help="P-tuning: virtual input tokens produced by a small LSTM/MLP encoder.",
+        saved_prefix=HEAD_PREFIX,
     ),
     "prompt": MethodSpec(
         "prompt",
@@ -362,5 +363,6 @@ METHODS = {
         _save,
         _load,
         help="Prompt tuning: learned virtual input tokens (soft prompt).",
+        saved_prefix=HEAD_PREFIX,
     ),
 }

@@ -12,8 +12,10 @@ serves all of them. The process-wide levers (varlen attention, fused RoPE, oneDN
 by `train/patches.applied`; the per-forward ones (fused head + CE, the trimmed last MLP) are its own.
 
 Multi-task batches carry `task_ids` (each row's task, or each token's in a packed row), which never reach the
-model. With per-task `loss_weights` the sum is sum(w_task * token loss) and the count stays the number of targets,
-so the loop's step loss is that weighted sum over the supervised tokens; with all weights 1 the plain path runs.
+model: they route each row through its task's own head and adapter (`methods/multitask.rows`), and in training
+weight the loss: with per-task `loss_weights` the sum is sum(w_task * token loss) and the count stays the number of
+targets, so the loop's step loss is that weighted sum over the supervised tokens; with all weights 1 the plain path
+runs. Evaluation (the objective in eval mode) reports unweighted losses.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import PerfConfig
 from ..data.batching import IGNORE
+from ..methods import multitask
 from . import tail, varlen
 from .loss import linear_cross_entropy_sum
 
@@ -101,19 +104,25 @@ class Objective(nn.Module):
         return w.reshape(-1, *([1] * (like.dim() - 1))).expand_as(like) if ids.dim() == 1 else w
 
     def forward(self, batch: dict[str, torch.Tensor]) -> LossSums:
-        weights = None
-        if "task_ids" in batch:  # whose each row/token is: for the loss (and routing), never a model input
-            weights = self._target_weights(batch, batch["labels"])
+        weights, ids = None, batch.get("task_ids")
+        if ids is not None:  # whose each row/token is: for routing and the loss weights, never a model input
+            # Loss weights shape training; evaluation reports each task's plain loss.
+            weights = self._target_weights(batch, batch["labels"]) if self.training else None
             batch = {k: v for k, v in batch.items() if k != "task_ids"}
-        if self.task == "causal-lm":
-            return self._causal_lm(batch, weights)
-        if self.task == "seq2seq":
-            return self._seq2seq(batch, weights)
-        if self.task == "masked-lm":
-            return self._masked_lm(batch)
-        return self._seq_cls(batch, weights)
+        # Rows (tokens of a packed row) through their task's own head and adapter (methods/multitask.py).
+        with multitask.rows(self.model, ids):
+            if self.task == "causal-lm":
+                per_token = ids is not None and ids.dim() == 2 and multitask.routes(self.model)
+                return self._causal_lm(batch, weights, per_token)
+            if self.task == "seq2seq":
+                return self._seq2seq(batch, weights)
+            if self.task == "masked-lm":
+                return self._masked_lm(batch)
+            return self._seq_cls(batch, weights)
 
-    def _causal_lm(self, batch: dict[str, torch.Tensor], weights: torch.Tensor | None = None) -> LossSums:
+    def _causal_lm(
+        self, batch: dict[str, torch.Tensor], weights: torch.Tensor | None = None, per_token: bool = False
+    ) -> LossSums:
         perf, model = self.perf, self.model
         labels = batch["labels"]  # (B, T)
         inputs = {k: v for k, v in batch.items() if k in _INPUTS}
@@ -132,7 +141,8 @@ class Objective(nn.Module):
         target = labels[:, 1:]
         mask = target != IGNORE  # (B, T-1)
         read = F.pad(mask, (0, 1))  # (B, T): hidden position t is read when label t+1 is supervised
-        trim = perf.trim_last_mlp and not tail.checkpointed(body)
+        # Not with per-token routing: the trimmed MLP sees fewer tokens than the routing names.
+        trim = perf.trim_last_mlp and not tail.checkpointed(body) and not per_token
         # No KV cache in training: transformers isolates packed rows (position_ids restarting) only without one.
         with tail.supervised_only(body, read, trim):
             hidden = body(**inputs, use_cache=False).last_hidden_state  # (B, T, H)

@@ -111,10 +111,10 @@ def test_config_errors_name_the_key(tmp_path, edit, message):
     assert message in str(e.value)
 
 
-def test_mixing_shorthand_and_seq_cls_not_yet(tmp_path):
+def test_mixing_shorthand_and_seq_cls_tasks_are_classification(tmp_path):
     raw = _raw(tmp_path, data={"mixing": "equal"})
     assert build_config(raw).data.mixing.strategy == "equal"
-    with pytest.raises(ConfigError, match="one classification head per task"):
+    with pytest.raises(ConfigError, match=r"data.tasks\[0\].format: 'alpaca' on a seq-cls model"):
         build_config(_raw(tmp_path, "tiny-bert", "seq-cls"))
 
 
@@ -335,9 +335,15 @@ def test_sftlab_train_runs_a_mixture_end_to_end(tmp_path, capsys):
     assert [t["task"] for t in summary["tasks"]] == ["a", "more"] and summary["status"] == "completed"
     assert (run / "final" / "model.safetensors").exists() and "eval_loss" in summary
     assert load_config(run / "config.yaml", migrate=True).data.tasks[1].name == "more"
+    index = json.loads((run / "final" / "tasks.json").read_text())  # one model serves both tasks
+    assert [(t["name"], t["path"]) for t in index["tasks"]] == [("a", "."), ("more", ".")]
     capsys.readouterr()
-    assert main(["eval", str(run)]) == 2  # which task? (per-task eval is not built yet)
-    assert "trained on a mixture of tasks (a, more); pass --data FILE" in capsys.readouterr().err
+    assert main(["eval", str(run)]) == 0  # every task on its own eval data: a table, then JSON
+    out = capsys.readouterr().out
+    rows = json.loads(out[out.index("{") :])["tasks"]
+    assert [(r["task"], r["examples"]) for r in rows] == [("a", 16), ("more", 2)]  # a: no eval set, its train file
+    assert main(["eval", str(run), "--task", "more"]) == 0
+    assert json.loads(capsys.readouterr().out)["eval_loss"] == pytest.approx(rows[1]["eval_loss"])
     assert main(["eval", str(run), "--data", str(tmp_path / "more.jsonl")]) == 0
     assert json.loads(capsys.readouterr().out)["examples"] == 6
 

@@ -67,16 +67,16 @@ from .model import (
 
 def _apply(model: nn.Module, cfg: AdapterConfig, ctx: MethodContext) -> None:
     freeze_all(model)
-    add_adapter(model, "default", cfg, ctx.task)
-    set_adapter(model, "default")
+    add_adapter(model, ctx.adapter, cfg, ctx.task)
+    set_adapter(model, ctx.adapter)
 
 
 def _save(model: nn.Module, cfg: AdapterConfig, out_dir: Path, ctx: MethodContext) -> None:
-    save_adapter(model, out_dir, active_adapter(model) or "default", ctx.base_model_name)
+    save_adapter(model, out_dir, ctx.adapter, ctx.base_model_name)
 
 
 def _load(model: nn.Module, cfg: AdapterConfig, in_dir: Path, ctx: MethodContext) -> None:
-    load_adapter(model, in_dir, active_adapter(model) or "default")
+    load_adapter(model, in_dir, ctx.adapter)
 
 
 METHOD = MethodSpec(
@@ -87,6 +87,7 @@ METHOD = MethodSpec(
     _load,
     help="Bottleneck adapters (Houlsby / Pfeiffer) on a frozen base.",
     route=adapter_per_row,
+    saved_prefix="modules_to_save.",
 )
 
 __all__ = [

@@ -48,16 +48,17 @@ DEFAULT_ADAPTER = "default"
 
 def _apply(model: nn.Module, cfg: LoraConfig, ctx: MethodContext) -> None:
     freeze_all(model)
-    add_adapter(model, DEFAULT_ADAPTER, cfg, task=ctx.task)
+    add_adapter(model, ctx.adapter, cfg, task=ctx.task)
+    set_adapter(model, ctx.adapter)
 
 
 def _save(model: nn.Module, cfg: LoraConfig, out_dir: Path, ctx: MethodContext) -> None:
-    save_adapter(model, out_dir, DEFAULT_ADAPTER, base_model_name=ctx.base_model_name)
+    save_adapter(model, out_dir, ctx.adapter, base_model_name=ctx.base_model_name)
 
 
 def _load(model: nn.Module, cfg: LoraConfig, in_dir: Path, ctx: MethodContext) -> None:
     # The file's own config wins (it may be a converted PiSSA adapter of rank 2r, or come from PEFT).
-    load_peft_adapter(model, in_dir, DEFAULT_ADAPTER, task=ctx.task)
+    load_peft_adapter(model, in_dir, ctx.adapter, task=ctx.task)
 
 
 METHOD = MethodSpec(
@@ -69,6 +70,7 @@ METHOD = MethodSpec(
     help="Low-rank updates W + s·B·A on chosen Linear layers (rsLoRA, DoRA, PiSSA init); PEFT-compatible files.",
     merge=merge_and_unload,
     route=adapter_per_row,
+    saved_prefix="base_model.model.",
 )
 
 __all__ = [
