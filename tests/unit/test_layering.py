@@ -17,9 +17,9 @@ LAYERS = [
     ["sftlab.config"],  # the run config (knows the methods' configs)
     ["sftlab.train", "sftlab.generate", "sftlab.demo_model"],  # the loop; building the demo model
     ["sftlab.hub"],  # user-facing model names (aliases) -> models
-    ["sftlab.runs", "sftlab.rundir"],  # run directories: save final/, load a run, who owns one
+    ["sftlab.runs", "sftlab.rundir", "sftlab.merged"],  # run directories: save final/, load or merge a run, who owns one
     ["sftlab.eval", "sftlab.recipe"],  # evaluation of a model; the train recipe
-    ["sftlab.quickstart"],  # the quickstart pipeline
+    ["sftlab.quickstart", "sftlab.pipeline"],  # the quickstart pipeline; stages of runs (sftlab pipeline)
     ["sftlab.cli"],  # commands
 ]
 

@@ -11,7 +11,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
 
-SUBCOMMANDS = ["train", "eval", "generate", "merge", "convert", "quickstart"]
+SUBCOMMANDS = ["train", "eval", "generate", "merge", "convert", "quickstart", "pipeline"]
 
 
 def build_parser() -> argparse.ArgumentParser:
