@@ -88,7 +88,14 @@ def _evaluate(args: argparse.Namespace, task: str | None) -> dict:
                 **({"label_names": labels} if labels else {}),
             }
         )
-        data, _ = load_data(data_cfg, tok, cfg.model.task, cfg.train.seed)
+        if (
+            cfg.train.objective != "sft"
+        ):  # a self-supervised run: its text in blocks, masked as its evals were
+            from ..data.corpus import eval_corpus
+
+            data = eval_corpus(data_cfg, tok, cfg.model.name, cfg.train)
+        else:
+            data, _ = load_data(data_cfg, tok, cfg.model.task, cfg.train.seed)
         where = data_cfg.train
     if args.base:
         from ..hub import load_model

@@ -257,3 +257,21 @@ def load_corpus(
         evald.examples = [transform(e, 0, i, EVAL) for i, e in enumerate(evald.examples)]
         evald.stats["supervised_tokens"] = sum(sum(1 for v in e["labels"] if v >= 0) for e in evald.examples)
     return Corpus(train.examples, train.stats, None, transform), evald
+
+
+def eval_corpus(data_cfg: Any, tokenizer: Any, model_name: str, train_cfg: Any) -> EncodedData:
+    """One text file's blocks as evaluation sees them (corrupted once, on the eval stream): `sftlab eval` of a
+    self-supervised run."""
+    objective = train_cfg.objective
+    raw = read_records(
+        data_cfg.train, data_cfg.columns, data_cfg.limit, getattr(data_cfg, "documents", "line")
+    )
+    if not raw:
+        raise DataError(f"{data_cfg.train}: no records")
+    data = encode_corpus(raw, tokenizer, data_cfg, objective)
+    transform = corruption(objective, tokenizer, model_name, train_cfg)
+    if isinstance(transform, SpanCorruption):
+        check_sentinels(data, transform, data_cfg.max_length)
+    if transform is not None:
+        data.examples = [transform(e, 0, i, EVAL) for i, e in enumerate(data.examples)]
+    return data

@@ -35,7 +35,9 @@ def _quiet(msg):
     pass
 
 
-@pytest.mark.parametrize("model,objective", [("tiny-llama", "clm"), ("tiny-bert", "mlm"), ("tiny-t5", "span")])
+@pytest.mark.parametrize(
+    "model,objective", [("tiny-llama", "clm"), ("tiny-bert", "mlm"), ("tiny-t5", "span")]
+)
 def test_each_objective_trains_evaluates_and_saves(tmp_path, model, objective):
     cfg = ssl_config(tmp_path, model, objective, eval_every=3, max_steps=12)
     summary = train(cfg, log=_quiet)
@@ -80,7 +82,9 @@ def test_an_mlm_model_loads_as_a_classifier_with_its_body_and_without_its_head(t
     mlm = load_file(final / "model.safetensors")
     assert any(k.startswith("cls.") for k in mlm)
     rows = tmp_path / "cls.jsonl"
-    rows.write_text("".join(json.dumps({"text": f"{w} thing", "label": i % 2}) + "\n" for i, w in enumerate(WORDS)))
+    rows.write_text(
+        "".join(json.dumps({"text": f"{w} thing", "label": i % 2}) + "\n" for i, w in enumerate(WORDS))
+    )
     sft = build_config({"model": {"name": str(final), "task": "seq-cls"}, "data": {"train": str(rows),
                         "format": "classification"}, "train": {"output_dir": str(tmp_path / "sft")}})  # fmt: skip
     model = prepare(sft, log=_quiet)[0]
@@ -88,5 +92,26 @@ def test_an_mlm_model_loads_as_a_classifier_with_its_body_and_without_its_head(t
     assert not any(k.startswith("cls.") for k in state) and "classifier.weight" in state
     body = [k for k in mlm if k.startswith("bert.")]
     assert len(body) > 20 and all(torch.equal(state[k], mlm[k]) for k in body)
-    base = prepare(build_config({**sft.model_dump(), "model": {"name": "tiny-bert", "task": "seq-cls"}}), _quiet)[0]
-    assert not torch.equal(base.state_dict()[body[0]], mlm[body[0]])  # the body is the trained one, not the base
+    base = prepare(
+        build_config({**sft.model_dump(), "model": {"name": "tiny-bert", "task": "seq-cls"}}), _quiet
+    )[0]
+    assert not torch.equal(
+        base.state_dict()[body[0]], mlm[body[0]]
+    )  # the body is the trained one, not the base
+
+
+@pytest.mark.parametrize(
+    "model,objective", [("tiny-llama", "clm"), ("tiny-bert", "mlm"), ("tiny-t5", "span")]
+)
+def test_sftlab_eval_scores_a_self_supervised_run_as_its_evals_did(tmp_path, model, objective, capsys):
+    from sftlab.cli.main import main
+
+    held = corpus(tmp_path / "held.txt", 8)
+    cfg = ssl_config(tmp_path, model, objective, eval_every=6)
+    cfg.data.eval_fraction, cfg.data.eval = 0.0, str(held)
+    summary = train(cfg, log=_quiet)
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run"), "--batch-size", "3"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["eval_loss"] == pytest.approx(summary["eval_loss"], rel=1e-5)
+    assert res["eval_tokens"] == summary["eval_tokens"]
