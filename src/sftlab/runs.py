@@ -137,8 +137,8 @@ def load_run(
     elif "tasks" in info:
         names = ", ".join(t.name for t in cfg.data.tasks or [])
         raise RunDirError(
-            f"{run}: trained one head or adapter per task ({names}); say which to load: --task NAME "
-            "(runs.load_run(..., task=NAME))"
+            f"{run}: trained one head or adapter per task ({names}); say which to load: `sftlab eval/generate RUN "
+            "--task NAME`, runs.load_run(RUN, task=NAME), or the folder final/NAME"
         )
     labels = info.get("label_names")
     if labels is not None and (not isinstance(labels, list) or not all(isinstance(x, str) for x in labels)):

@@ -24,19 +24,26 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="with --temperature > 0: sample from this probability mass",
     )
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    p.add_argument(
+        "--task", help="a multi-task run: generate with this task's adapter and its template/system prompt"
+    )
     add_trust_remote_code(p, "the run's model")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..data.tasks import task_data_config
     from ..generate import generate
     from ..runs import load_run
 
-    model, tok, cfg = load_run(args.run_dir, trust_remote_code=args.trust_remote_code)
+    model, tok, cfg = load_run(args.run_dir, trust_remote_code=args.trust_remote_code, task=args.task)
+    data_cfg = cfg.data
+    if args.task is not None:  # load_run checked the name
+        data_cfg = task_data_config(cfg.data, next(t for t in cfg.data.tasks if t.name == args.task))
     outs = generate(
         model,
         tok,
-        cfg.data,
+        data_cfg,
         args.prompt,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
