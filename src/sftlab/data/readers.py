@@ -1,6 +1,7 @@
 """Read raw records from local files, each tagged with its source `file:line` for error messages.
 
-Supported: .json (a list of records, or JSON lines), .jsonl, .csv, .tsv, .parquet, .txt, or a directory of
+Supported: .json (a list of records, or JSON lines), .jsonl, .csv, .tsv, .parquet, .txt, .label (TREC's
+`COARSE:fine question` lines in ISO-8859-1: {text, label: COARSE, fine_label}), or a directory of
 them (read recursively in sorted path order, hidden files skipped). Locations are 1-based lines: the line a
 JSON-lines record is on, the line a JSON-list record's `{` starts on, the line a CSV/TSV row starts on (the
 header is line 1), the row number for parquet (no lines there). A .txt file gives one record `{"text": line}`
@@ -25,7 +26,7 @@ from typing import Any
 
 from ..errors import DataError
 
-SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".txt")
+SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".parquet", ".txt", ".label")
 
 
 @dataclass
@@ -116,6 +117,8 @@ def _read_any(f: Path, columns: dict[str, str], documents: str = "line") -> Iter
         yield from _read_delimited(f, "\t" if suffix == ".tsv" else ",", columns)
     elif suffix == ".parquet":
         yield from _read_parquet(f)
+    elif suffix == ".label":
+        yield from _read_label(f)
     else:
         yield from _read_txt(f, documents)
 
@@ -239,3 +242,17 @@ def _read_txt(f: Path, documents: str = "line") -> Iterator[RawRecord]:
         elif para:
             yield RawRecord(f"{f}:{start}", {"text": "\n".join(para)})
             para, start = [], 0
+
+
+def _read_label(f: Path) -> Iterator[RawRecord]:
+    """TREC question classification (`train_5500.label`, `TREC_10.label`): one `COARSE:fine question` per line, in
+    ISO-8859-1 (so never a decoding error). A record is {text, label: COARSE, fine_label: COARSE:fine}: the six
+    coarse classes by default, `columns: {label: fine_label}` for the fifty fine ones."""
+    for i, line in enumerate(f.read_text(encoding="latin-1").splitlines(), start=1):
+        if not line.strip():
+            continue
+        tag, _, text = line.strip().partition(" ")
+        coarse, colon, fine = tag.partition(":")
+        if not colon or not coarse or not fine or not text.strip():
+            raise DataError(f"{f}:{i}: expected a TREC line `COARSE:fine question text` (got {short(line)})")
+        yield RawRecord(f"{f}:{i}", {"text": text.strip(), "label": coarse, "fine_label": tag})

@@ -134,3 +134,17 @@ def test_bom_and_non_utf8(tmp_path):
     g.write_bytes("caf\xe9\n".encode("latin-1"))
     with pytest.raises(DataError, match=r"latin\.txt: not UTF-8 text"):
         read_records(g)
+
+
+def test_trec_label_file_is_latin1_coarse_fine_lines(tmp_path):
+    f = tmp_path / "train_5500.label"
+    f.write_bytes(
+        "DESC:manner How did serfdom develop ?\n\nHUM:ind Who wrote caf\xe9 songs ?\n".encode("latin-1")
+    )
+    recs = read_records(f)
+    assert _where(recs) == ["1", "3"]
+    assert recs[1].fields == {"text": "Who wrote café songs ?", "label": "HUM", "fine_label": "HUM:ind"}
+    bad = tmp_path / "bad.label"
+    bad.write_text("DESC:manner fine\nnot a tagged line\n")
+    with pytest.raises(DataError, match=r"bad\.label:2: expected a TREC line `COARSE:fine question text`"):
+        read_records(bad)

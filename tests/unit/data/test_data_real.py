@@ -74,3 +74,15 @@ def test_real_bpe_tokenizer_with_its_chat_template():
     )  # one tokenization, in context
     assert supervised_segments(ex, tok) == ["Hello! How can I help?<|im_end|>", "Sure:\n- a\n- b <|im_end|>"]
     assert data.stats["eos_added"] == 0
+
+
+def test_real_trec_label_file_reads_all_lines_with_coarse_labels(shared_dir):
+    """trec/train_5500.label is ISO-8859-1 `COARSE:fine question` lines (../shared/data/SOURCES.md)."""
+    path = shared_dir / "data" / "trec" / "train_5500.label"
+    train, _ = load_data(cfg("classification", train=str(path)), byte_tokenizer(), "seq-cls")
+    assert train.stats["records"] == 5452
+    assert train.label_names == ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
+    fine, _ = load_data(
+        cfg("classification", train=str(path), columns={"label": "fine_label"}), byte_tokenizer(), "seq-cls"
+    )
+    assert len(fine.label_names) == 50 and "DESC:manner" in fine.label_names
