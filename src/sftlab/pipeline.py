@@ -326,57 +326,65 @@ def run_pipeline(pipe: Pipeline, log=print) -> dict:
     for stage in pipe.stages:
         _check_run_dir(stage)
     _write_record(pipe.output_dir, record)
+    try:
+        record["status"] = _run_stages(pipe, rows, record, log)
+    except KeyboardInterrupt:
+        record["status"] = "interrupted"
+        raise
+    except BaseException:
+        record["status"] = "failed"
+        raise
+    finally:
+        _write_record(pipe.output_dir, record)
+    return record
+
+
+def _run_stages(pipe: Pipeline, rows: list[dict], record: dict, log) -> str:
+    """The stages in order, each kept (finished), resumed or started; the pipeline's status."""
     for stage, row in zip(pipe.stages, rows):
         prev_row = rows[stage.index - 1] if stage.index else None
         _check_init(stage, row, prev_row)
         trained = False
+        where = f"pipeline: stage {stage.index + 1}/{len(rows)} {stage.name}"
         if stage.finished():
-            log(
-                f"pipeline: stage {stage.index + 1}/{len(rows)} {stage.name}: finished in {stage.run_dir}, kept"
-            )
+            log(f"{where}: finished in {stage.run_dir}, kept")
             if row["status"] not in ("completed", "early-stopped"):
                 row["status"] = _summary(stage).get("status", "completed")
                 row["result"] = _result(_summary(stage))
         else:
-            log(f"pipeline: stage {stage.index + 1}/{len(rows)} {stage.name} in {stage.run_dir}")
+            log(f"{where} in {stage.run_dir}")
             if stage.init_from == PREVIOUS and prev_row is not None:
                 row["init_digest"] = prev_row["output_digest"]
             row["status"] = "running"
             _write_record(pipe.output_dir, record)
-            summary = _train(stage, row, record, pipe, log)
+            summary = _train(stage, row, log)
             row["status"], row["result"] = summary["status"], _result(summary)
             trained = True
             if summary["status"] not in ("completed", "early-stopped"):
-                record["status"] = "failed"
-                _write_record(pipe.output_dir, record)
                 log(f"pipeline: stage {stage.name} ended {summary['status']}; stopped (rerun to continue)")
-                return record
+                return "failed"
         if _feeds_next(pipe, stage):
             _make_output(stage, row, trained, log)
         _write_record(pipe.output_dir, record)
-    record["status"] = "completed"
-    _write_record(pipe.output_dir, record)
-    return record
+    return "completed"
 
 
-def _train(stage: Stage, row: dict, record: dict, pipe: Pipeline, log) -> dict:
+def _train(stage: Stage, row: dict, log) -> dict:
+    """The stage's run, resumed when it has a checkpoint; an interrupt or error is noted in its row and re-raised."""
     t0 = time.perf_counter()
     try:
         return train(stage.cfg, resume_or_start=True, log=log)
     except KeyboardInterrupt:
-        row["status"] = record["status"] = "interrupted"
+        row["status"] = "interrupted"
         raise
     except Exception as e:
-        row["status"], record["status"] = "failed", "failed"
+        row["status"] = "failed"
         row["result"] = {
             "status": "failed",
             "error": f"{type(e).__name__}: {e}",
             "wall_time_s": time.perf_counter() - t0,
         }
         raise
-    finally:
-        if row["status"] in ("interrupted", "failed"):
-            _write_record(pipe.output_dir, record)
 
 
 def _feeds_next(pipe: Pipeline, stage: Stage) -> bool:

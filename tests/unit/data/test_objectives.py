@@ -231,3 +231,13 @@ def test_txt_documents_by_line_paragraph_or_file(tmp_path):
     assert by["line"] == [("1", "a one"), ("2", "a two"), ("5", "b one"), ("7", "c one"), ("8", "c two")]
     assert by["paragraph"] == [("1", "a one\na two"), ("5", "b one"), ("7", "c one\nc two")]
     assert by["file"] == [("1", f.read_text())]
+
+
+def test_jsonl_documents_keep_their_lines_and_other_fields_are_not_read(tmp_path):
+    f = tmp_path / "c.jsonl"
+    f.write_text('{"text": "first line\\nsecond line", "label": "not read"}\n{"body": "x", "text": "two"}\n')
+    cfg = build_config({"model": {"name": "tiny-llama"}, "data": {"train": str(f), "max_length": 64},
+                        "train": {"objective": "clm"}})  # fmt: skip
+    tok = byte_tokenizer()
+    train, _ = load_corpus(cfg.data, tok, "tiny-llama", cfg.train)
+    assert tok.decode(train.examples[0]["input_ids"]) == "first line\nsecond line</s>two</s>"
