@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from helpers import random_inputs, tiny_model, write_jsonl
+from safetensors.torch import load_file
 
 from sftlab.cli.main import main
 from sftlab.config import build_config, dump_config
@@ -18,8 +19,9 @@ from sftlab.data.batching import collate
 from sftlab.errors import RunDirError
 from sftlab.methods import multitask
 from sftlab.methods.task_heads import TaskHeads
-from sftlab.recipe import prepare
+from sftlab.recipe import prepare, train
 from sftlab.runs import load_run, save_final
+from sftlab.train.loop import Trainer
 from sftlab.train.objective import Objective
 
 NAMES = ["sent", "topic"]
@@ -213,3 +215,29 @@ def test_sftlab_train_and_eval_task_end_to_end(tmp_path, capsys):
     assert [r["task"] for r in doc["tasks"]] == NAMES
     assert main(["eval", str(run), "--task", "nope"]) == 2
     assert "no task 'nope' in this run; its tasks: sent, topic" in capsys.readouterr().err
+
+
+def test_resume_with_per_task_heads_and_adapters_is_bit_identical(tmp_path, monkeypatch):
+    kw = {"max_steps": 6, "grad_accum": 2, "schedule": "cosine", "warmup_steps": 2}
+    straight = build_config(_raw(tmp_path / "a", {"name": "lora", "per_task": True}, **kw))
+    train(straight, log=lambda *_: None)
+    cfg = straight.model_copy(deep=True)
+    cfg.train.output_dir = str(tmp_path / "b")
+    real_step = Trainer._optimizer_step
+
+    def interrupt_after_3(self):
+        if self.state.step == 3:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", interrupt_after_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, log=lambda *_: None)
+    monkeypatch.setattr(Trainer, "_optimizer_step", real_step)
+    assert train(cfg, resume=True, log=lambda *_: None)["steps"] == 6
+    for task in NAMES:
+        ref = load_file(str(tmp_path / "a" / "run" / "final" / task / "adapter_model.safetensors"))
+        got = load_file(str(tmp_path / "b" / "final" / task / "adapter_model.safetensors"))
+        assert ref.keys() == got.keys() and any(k.endswith("classifier.weight") for k in ref)
+        for k in ref:
+            assert torch.equal(ref[k], got[k]), k
