@@ -18,7 +18,7 @@ from sftlab.data.batching import TASK_KEY, collate, collate_packed
 from sftlab.errors import ConfigError
 from sftlab.methods import MethodContext, get_method, multitask
 from sftlab.models import build_tiny
-from sftlab.recipe import prepare, train
+from sftlab.recipe import prepare, task_evaluation, train
 from sftlab.runs import load_run, save_final
 from sftlab.train import patches
 from sftlab.train.objective import Objective
@@ -179,6 +179,13 @@ def test_each_saved_task_reloads_alone_to_identical_logits(tmp_path, method):
             with torch.no_grad():
                 torch.testing.assert_close(loaded(**x).logits, want, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(outs["a"][:1], outs["b"][:1])  # each task's own adapter
+    # per-task evaluation generates each task's answers through that task's adapter
+    route = task_evaluation(cfg, tok, model).route  # x: task c's batch, from the loop's last pass
+    with torch.no_grad(), route(1, len(x["input_ids"])):
+        via_route = model(**x).logits
+    with torch.no_grad(), multitask.routed(model, "b"):
+        torch.testing.assert_close(via_route, model(**x).logits)
+    assert not torch.allclose(via_route, outs["c"])
 
 
 def test_a_seq_cls_task_with_its_head_loads_through_peft(tmp_path):
