@@ -75,7 +75,7 @@ def test_config_tasks_inherit_data_keys_and_round_trip(tmp_path):
     one = build_config({"model": {"name": "tiny-llama"}, "data": {"train": "x.jsonl"}})
     assert list(yaml.safe_load(dump_config(one))["data"]) == [
         "train", "eval", "eval_fraction", "format", "max_length", "template", "system_prompt", "columns",
-        "label_names", "train_on_prompt", "limit",
+        "label_names", "train_on_prompt", "limit", "documents",
     ]  # fmt: skip
 
 
