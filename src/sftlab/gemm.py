@@ -107,7 +107,8 @@ class _Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, weight, bias):  # (N, d_in), (d_out, d_in), (d_out,) | None
-        ctx.save_for_backward(x2, weight)
+        # x is kept for dW only: a frozen layer (adapters, prompts, freeze's lower blocks) keeps nothing but W
+        ctx.save_for_backward(x2 if ctx.needs_input_grad[1] else None, weight)
         ctx.has_bias = bias is not None
         return _dnn(x2, weight, bias)
 

@@ -156,3 +156,20 @@ def test_trainer_switch(tmp_path, on, calls):
     t.fit()
     assert (len(calls) > 0) is on
     assert not gemm.active()
+
+
+def test_a_frozen_linear_keeps_no_input_for_backward():
+    """`_Linear` keeps x only for the weight gradient: a frozen layer's input is not held until backward (it was,
+    for every frozen linear of an adapter/prefix/prompt run: ~30% more peak memory on a 21M Llama)."""
+    lin = torch.nn.Linear(24, 50)
+    x = torch.randn(37, 24, requires_grad=True)
+    for trains in (True, False):
+        lin.weight.requires_grad_(trains)
+        kept: list[torch.Tensor] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+            with gemm.enabled(True), gemm.linears(torch.nn.Sequential(lin)):
+                y = lin(x)
+        assert any(t.data_ptr() == x.data_ptr() for t in kept) is trains
+        y.sum().backward()
+        torch.testing.assert_close(x.grad, lin.weight.detach().sum(0).expand(37, 24))
+        x.grad = None
