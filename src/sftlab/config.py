@@ -130,6 +130,13 @@ class DataConfig(StrictModel):
         description="How a .txt file splits into records (documents): one per non-empty line, one per run of "
         "non-blank lines (paragraph: blank lines separate documents), or the whole file.",
     )
+    weight_field: str | None = Field(
+        None,
+        description="Name of a training-record field holding the example's loss weight (a number >= 0; a record "
+        "without the field weighs 1): each of its supervised targets' loss is multiplied by it, as a task's "
+        "loss_weight is. Self-training writes its pseudo-labelled rows with one (self_train.pseudo_weight). Eval "
+        "records are never weighted. null: every example weighs 1.",
+    )
     tasks: list[TaskConfig] | None = Field(
         None,
         description="Multi-task training: a list of tasks, each with its own name, train/eval files and record "
@@ -154,6 +161,8 @@ class DataConfig(StrictModel):
     def _one_or_many(self):
         """data.train (one task) or data.tasks (a mixture), never both; a task's unset keys come from `data:`."""
         if self.tasks is None:
+            if self.weight_field is not None and not self.weight_field.strip():
+                raise ValueError("data.weight_field: expected a record field name (or null)")
             if self.train is None:
                 raise ValueError(
                     "data.train: required key is missing (or data.tasks: a list of tasks to mix)"
@@ -161,6 +170,11 @@ class DataConfig(StrictModel):
             if self.mixing != MixingConfig():
                 raise ValueError("data.mixing: mixes data.tasks; a run on one data.train has nothing to mix")
             return self
+        if self.weight_field is not None:
+            raise ValueError(
+                "data.weight_field: weights the examples of one data.train; with data.tasks use each task's "
+                "loss_weight"
+            )
         for key in ("train", "eval"):
             if getattr(self, key) is not None:
                 raise ValueError(
@@ -192,6 +206,7 @@ class DataConfig(StrictModel):
         """A one-task config saves as before (no tasks/mixing keys); a mixture saves no data.train/eval."""
         out = handler(self)
         drop = ("train", "eval") if self.tasks is not None else ("tasks", "mixing")
+        drop += ("weight_field",) if self.weight_field is None else ()  # configs without it save as before
         return {k: v for k, v in out.items() if k not in drop}
 
 
@@ -329,7 +344,8 @@ class TrainConfig(StrictModel):
     threads: int | None = Field(
         None,
         gt=0,
-        description="torch threads; default: the physical cores idle at start (others' busy cores left alone).",
+        description="torch threads, fixed; default: the physical cores other processes leave free, at start and "
+        "rechecked every 3 s while training (sftlab/threads.py).",
     )
     objective: Literal["sft", "clm", "mlm", "span"] = Field(
         "sft",
@@ -538,6 +554,10 @@ class RunConfig(StrictModel):
             raise ValueError(
                 f"model.task: {self.model.task!r} does not fit train.objective: {obj}, which trains a "
                 f"{needs[obj]} model; set model.task: {needs[obj]} or leave it out"
+            )
+        if self.data.weight_field is not None:
+            raise ValueError(
+                f"data.weight_field: weights supervised examples; train.objective: {obj} reads unlabelled text"
             )
         if self.data.tasks is not None:
             raise ValueError(

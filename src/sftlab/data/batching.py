@@ -13,6 +13,7 @@ import torch
 
 IGNORE = -100  # the label of a position that gets no loss (torch's ignore_index); its one definition
 TASK_KEY = "task"  # a multi-task example's task index (data/tasks.py); collated into `task_ids`
+WEIGHT_KEY = "weight"  # an example's loss weight (data.weight_field); collated into `example_weights`
 MEGA = 50  # mega-chunk = MEGA batches: enough to group lengths, small enough to keep randomness
 
 
@@ -158,6 +159,8 @@ def collate(
         TASK_KEY in examples[0]
     ):  # multi-task: each row's task, for routing to its head/adapter and its loss weight
         batch["task_ids"] = torch.tensor([ex[TASK_KEY] for ex in examples], dtype=torch.long)  # (B,)
+    if WEIGHT_KEY in examples[0]:  # per-example loss weights (the objective applies them in training only)
+        batch["example_weights"] = torch.tensor([float(ex[WEIGHT_KEY]) for ex in examples])  # (B,)
     return batch
 
 
@@ -188,5 +191,9 @@ def collate_packed(examples: list[dict], task: str = "causal-lm") -> dict[str, t
     if examples and TASK_KEY in examples[0]:  # multi-task: each token's task (a row holds several examples)
         batch["task_ids"] = torch.tensor(
             [[ex[TASK_KEY] for ex in examples for _ in ex["input_ids"]]]
+        )  # (1, N)
+    if examples and WEIGHT_KEY in examples[0]:  # each token carries its example's loss weight
+        batch["example_weights"] = torch.tensor(
+            [[float(ex[WEIGHT_KEY]) for ex in examples for _ in ex["input_ids"]]]
         )  # (1, N)
     return batch

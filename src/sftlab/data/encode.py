@@ -17,10 +17,11 @@ are not an error; a set where every response is empty is. A classification set n
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .batching import IGNORE
+from .batching import IGNORE, WEIGHT_KEY
 from .formats import ROLES, Chat, Labeled, Pair, Record, Text, Turn, as_chat, as_pair, parse_record
 from .readers import DataError, RawRecord, short
 from .templates import get_template
@@ -265,14 +266,48 @@ def to_records(items: list[Any], fmt: str, system_prompt: str | None = None) -> 
     return out
 
 
+def example_weights(records: list[Any], weight_field: str) -> list[float]:
+    """Each raw record's loss weight: its `weight_field` (a finite number >= 0), 1 where the record has none. A field
+    that no record holds is an error (a misspelt name would otherwise weigh everything 1)."""
+    out, seen = [], False
+    for i, item in enumerate(records):
+        fields = item.fields if isinstance(item, RawRecord) else item if isinstance(item, dict) else {}
+        where = item.where if isinstance(item, RawRecord) else f"record {i + 1}"
+        w = fields.get(weight_field)
+        if w is None:
+            out.append(1.0)
+            continue
+        seen = True
+        if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) or w < 0:
+            raise DataError(
+                f"{where}: {weight_field}: expected a loss weight, a number >= 0 (got {short(w)})"
+            )
+        out.append(float(w))
+    if records and not seen:
+        where = records[0].where.rsplit(":", 1)[0] if isinstance(records[0], RawRecord) else "the records"
+        raise DataError(
+            f"{where}: data.weight_field: {weight_field!r}: no record has this field (every example would weigh 1); "
+            "check the name, or drop data.weight_field"
+        )
+    return out
+
+
 def encode_dataset(
-    records: list[Any], tokenizer: Any, data_cfg: Any, task: str, label_names: list[str] | None = None
+    records: list[Any],
+    tokenizer: Any,
+    data_cfg: Any,
+    task: str,
+    label_names: list[str] | None = None,
+    weight_field: str | None = None,
 ) -> EncodedData:
-    """Validate, render and tokenize records. `label_names` (eval sets) fixes the train label mapping."""
+    """Validate, render and tokenize records. `label_names` (eval sets) fixes the train label mapping.
+    `weight_field`: each example carries its record's loss weight (`WEIGHT_KEY`), collated as `example_weights`."""
     check_task_format(task, data_cfg.format)
+    weights = example_weights(records, weight_field) if weight_field else None
     recs = to_records(records, data_cfg.format, data_cfg.system_prompt)
     if not recs:
         raise DataError("no records to encode")
+    weight_of = {id(r): w for r, w in zip(recs, weights)} if weights is not None else None
     n_records = len(recs)
     recs, n_empty = drop_empty(recs, data_cfg.format)
     source = "labels of the training data"
@@ -283,7 +318,13 @@ def encode_dataset(
             label_names, source = infer_label_names(recs), ""  # type: ignore[arg-type]
         check_classes(label_names, source, data_cfg)
     enc = Encoder(tokenizer, data_cfg, task, label_names, source)
-    examples = [ex for ex in (enc.encode(r) for r in recs) if ex is not None]
+    examples = []
+    for r in recs:
+        ex = enc.encode(r)
+        if ex is not None:
+            if weight_of is not None:
+                ex[WEIGHT_KEY] = weight_of[id(r)]
+            examples.append(ex)
     supervised = sum(_supervised(ex, task) for ex in examples)
     stats = {
         "records": n_records,

@@ -54,7 +54,8 @@ def load_data(
     if convert is not None:
         train_raw = convert(train_raw)
         eval_raw = convert(eval_raw) if eval_raw is not None else None
-    train = encode_dataset(train_raw, tokenizer, data_cfg, task)
+    weight_field = getattr(data_cfg, "weight_field", None)  # training examples only: eval scores stay plain
+    train = encode_dataset(train_raw, tokenizer, data_cfg, task, weight_field=weight_field)
     log.info("train data: %s", _describe(train.stats))
     evald = None
     if eval_raw is not None:

@@ -15,7 +15,8 @@ Multi-task batches carry `task_ids` (each row's task, or each token's in a packe
 model: they route each row through its task's own head and adapter (`methods/multitask.rows`), and in training
 weight the loss: with per-task `loss_weights` the sum is sum(w_task * token loss) and the count stays the number of
 targets, so the loop's step loss is that weighted sum over the supervised tokens; with all weights 1 the plain path
-runs. Evaluation (the objective in eval mode) reports unweighted losses.
+runs. Per-example weights (`example_weights`, from data.weight_field: self-training's pseudo-labelled rows) multiply
+in the same way. Evaluation (the objective in eval mode) reports unweighted losses.
 """
 
 from __future__ import annotations
@@ -109,6 +110,15 @@ class Objective(nn.Module):
             # Loss weights shape training; evaluation reports each task's plain loss.
             weights = self._target_weights(batch, batch["labels"]) if self.training else None
             batch = {k: v for k, v in batch.items() if k != "task_ids"}
+        if "example_weights" in batch:  # data.weight_field: each example's loss weight, training only
+            ew = batch["example_weights"]  # (B,) per row, or (1, N) per token of a packed row
+            batch = {k: v for k, v in batch.items() if k != "example_weights"}
+            if self.training:
+                like = batch["labels"]  # (B, T) or (B,): one weight per target
+                ew = ew.to(like.device)
+                if ew.dim() == 1:
+                    ew = ew.reshape(-1, *([1] * (like.dim() - 1))).expand_as(like)
+                weights = ew if weights is None else weights * ew
         # Rows (tokens of a packed row) through their task's own head and adapter (methods/multitask.py).
         with multitask.rows(self.model, ids):
             if self.task == "causal-lm":
