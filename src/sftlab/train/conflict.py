@@ -5,10 +5,11 @@ token loss (its loss weight aside: a cosine ignores scale) on a probe batch of `
 examples, drawn afresh by (seed, step, task) with numpy's generator, so no training draw moves; the weights are the
 ones the step's update is about to change. Probes rather than the step's own batch: length-grouped batches
 (`train.group_by_length`) of tasks whose examples differ in length mostly hold one task, which would leave most
-steps with nothing to compare; with probes every row compares every task. The pairwise cosines over all trainable
-parameters show which tasks pull against each other: near 1, the tasks agree; near 0, they touch unrelated
-directions (or, with per-task adapters, unrelated parameters: exactly 0); below 0, a step for one undoes some of the
-other's. It costs a forward and backward per task on those steps (and a copy of the trainable gradients per task),
+steps with nothing to compare; with probes every row compares every task. The pairwise cosines over the *shared*
+trainable parameters (those every task's loss reaches; a task's own head or adapter cannot conflict with another task,
+and counting it would only shrink every cosine towards 0) show which tasks pull against each other: near 1, the tasks
+agree; near 0, they touch unrelated directions; below 0, a step for one undoes some of the other's. With per-task
+adapters and heads nothing is shared: the cosines are null. The norms are of each task's whole gradient. It costs a forward and backward per task on those steps (and a copy of the trainable gradients per task),
 and never changes training: the gradients come from `torch.autograd.grad` (the parameters' `.grad` is untouched)
 under a forked RNG (dropout masks drawn there are not drawn from the training stream).
 
@@ -108,6 +109,12 @@ def _dot(a: Grads, b: Grads) -> float:
     )
 
 
+def shared_only(grads: Sequence[Grads]) -> list[Grads]:
+    """Each task's gradient restricted to the parameters every task's loss reaches (the others set to None)."""
+    shared = [all(g[i] is not None for g in grads) for i in range(len(grads[0]))] if grads else []
+    return [[x if keep else None for x, keep in zip(g, shared)] for g in grads]
+
+
 def cosine_matrix(grads: Sequence[Grads]) -> tuple[list[list[float | None]], list[float]]:
     """(K x K cosines, K norms) of the flattened gradients; a cosine with a zero gradient is None."""
     k = len(grads)
@@ -152,7 +159,8 @@ def conflict_row(
     for k, passes in enumerate(probes):
         g, _ = task_gradients(objective, passes, params)
         grads.append(g.get(k, [None] * len(params)))
-    cos, norms = cosine_matrix(grads)
+    cos, _ = cosine_matrix(shared_only(grads))
+    _, norms = cosine_matrix(grads)
     return {"tasks": list(names), "task_grad_cosine": cos, "task_grad_norm": norms}
 
 

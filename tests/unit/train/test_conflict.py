@@ -294,3 +294,18 @@ def test_task_gradients_skip_tasks_without_targets():
     batch = {**collate(exs, tok.pad_token_id, "causal-lm"), "task_ids": task_ids(exs, False)}
     grads, _ = task_gradients(Objective(model, "causal-lm"), [batch], list(model.parameters()))
     assert list(grads) == [1]
+
+
+def test_cosines_cover_only_the_parameters_every_task_reaches():
+    """A task's own head (or adapter) cannot conflict with another task: counting it would shrink every cosine to 0."""
+    from sftlab.train.conflict import cosine_matrix, shared_only
+
+    torch.manual_seed(0)
+    body_a, body_b = torch.randn(5), torch.randn(5)
+    head_a, head_b = 10 * torch.randn(3), 10 * torch.randn(3)
+    grads = [[body_a, head_a, None], [body_b, None, head_b]]
+    cos, _ = cosine_matrix(shared_only(grads))
+    want = float(torch.dot(body_a, body_b) / (body_a.norm() * body_b.norm()))
+    assert cos[0][1] == pytest.approx(want, rel=1e-6) and cos[1][0] == cos[0][1]
+    none_shared, _ = cosine_matrix(shared_only([[head_a, None], [None, head_b]]))
+    assert none_shared == [[None, None], [None, None]]
