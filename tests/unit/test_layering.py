@@ -19,7 +19,8 @@ LAYERS = [
     ["sftlab.hub"],  # user-facing model names (aliases) -> models
     ["sftlab.runs", "sftlab.rundir", "sftlab.merged"],  # run directories: save final/, load or merge a run, who owns one
     ["sftlab.eval", "sftlab.recipe"],  # evaluation of a model; the train recipe
-    ["sftlab.quickstart", "sftlab.pipeline"],  # the quickstart pipeline; stages of runs (sftlab pipeline)
+    ["sftlab.selftrain"],  # self-training rounds (teacher -> pseudo-labels -> student), each a run of the recipe
+    ["sftlab.quickstart", "sftlab.pipeline", "sftlab.plan"],  # the quickstart pipeline; stages of runs (sftlab pipeline); the strategy planner (sftlab plan)
     ["sftlab.cli"],  # commands
 ]
 

@@ -11,7 +11,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
 
-SUBCOMMANDS = ["train", "eval", "generate", "merge", "convert", "quickstart", "pipeline"]
+SUBCOMMANDS = ["train", "eval", "generate", "merge", "convert", "quickstart", "pipeline", "plan", "selftrain"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,293 @@
+"""The numbers of one candidate: parameters, peak memory by part, FLOPs per token, time, storage, inference cost.
+
+Parameters are counted on the meta model after the method's own apply() (plan/model.py), so they are exact.
+Memory, for the largest pass of a step as sftlab batches it (`micro_batch_tokens` cuts a batch into passes):
+
+  weights     every parameter (base + the method's) x E bytes (the model dtype)
+  gradients   trainable x E (sftlab keeps no fp32 master copy: gradients follow the weights' dtype)
+  optimizer   AdamW's two moments, 2 x trainable x E (torch's fused AdamW, states in the weights' dtype)
+  activations what autograd keeps for backward over the pass (plan/activations.py), without and with
+              activation checkpointing
+  workspace   the fused LM head's fp32 logits chunk (min(loss_chunk_size, supervised rows) x vocab x 4) and the
+              transient gradients of backward (two (tokens x MLP width) tensors)
+  peak        the sum: every part can be live at once (the first step of each pass of a later step holds the
+              previous step's optimizer state while its activations build up)
+
+FLOPs per token, counted as torch's FlopCounterMode counts them (a matmul of n x k by k x m is 2nkm; attention
+as the dense product over each example): forward 2N + 4·q·s per block (N: the matmul weights the token passes
+through, s: the keys it attends to), the LM head on supervised positions only (sftlab's fused head) and the last
+block's MLP likewise. Training adds backward: 2N for the input gradients of every block a gradient flows through,
+2N for every weight that trains, twice the attention forward: about 6N for full fine-tuning and 4N for a frozen
+base with a small trainable part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import PerfConfig, RunConfig
+from ..methods import get_method
+from ..methods._targets import count_parameters
+from ..models import DTYPES
+from .activations import Bytes, Pass, pass_activation_bytes
+from .candidates import Candidate
+from .device import Device, Throughput
+from .model import ModelSource, Shape, meta_model, shape_of, with_method
+from .structure import BlockTraining, head_matmul, outside_matmul, read_blocks
+from .workload import Workload
+
+# Resident memory beyond the live tensors, as a share of the activations: a step frees and re-allocates its
+# activations and backward temporaries in sizes that do not refill the same holes, so the heap grows past its live
+# peak. Fitted on glibc (peak RSS against malloc's in-use peak, sampled during steps of a 21M-parameter Llama:
+# full, LoRA and Houlsby adapters, 512- and 1,024-token passes): 0.4-0.9, 0.6 puts every case within 8%. The CUDA
+# caching allocator is not measured here (0: its reserve is not modelled).
+ALLOCATOR_SHARE = {"cpu": 0.6, "cuda": 0.0}
+# Live memory of a training process beyond the model and the pass: collated batches, the packing probe, RoPE
+# tables, optimizer bookkeeping. CPU: ~20 MB measured as above (malloc's in-use peak minus the parts). CUDA: the
+# context and cuBLAS workspaces take about 0.5 GB of device memory (assumed).
+RUNTIME = {"cpu": 20e6, "cuda": 0.5e9}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How training would run: the knobs of `train:` and `perf:` that change memory and time."""
+
+    batch_size: int = 8
+    dtype: str = "float32"
+    micro_batch_tokens: int | None = PerfConfig().micro_batch_tokens
+    loss_chunk_size: int = PerfConfig().loss_chunk_size
+    epochs: float = 1.0
+
+
+@dataclass
+class Memory:
+    """Bytes by part, and the peak they make (see the module docstring)."""
+
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    activations_ckpt: float
+    workspace: float
+    head_gradient: float = 0.0  # the fused LM head's fp32 weight gradient, built during the forward pass
+    accumulates: bool = False  # several passes per step: the gradients of the earlier ones stay live
+    allocator_share: float = 0.0  # heap growth beyond live tensors, as a share of the activations
+    runtime: float = 0.0  # the training process's own state (RUNTIME)
+
+    def _peak(self, act: float) -> float:
+        during_forward = act + self.workspace + self.head_gradient
+        live = self.gradients + during_forward if self.accumulates else max(during_forward, self.gradients)
+        return self.weights + self.optimizer + live + self.allocator_share * act + self.runtime
+
+    @property
+    def peak(self) -> float:
+        return self._peak(self.activations)
+
+    @property
+    def peak_ckpt(self) -> float:
+        return self._peak(self.activations_ckpt)
+
+
+@dataclass
+class Estimate:
+    candidate: Candidate
+    trainable: int = 0
+    total: int = 0
+    base_total: int = 0
+    memory: Memory | None = None
+    pass_tokens: int = 0
+    flops_forward: float = 0.0  # per real token
+    flops_train: float = 0.0  # per real token, forward + backward
+    tokens_per_epoch: float = 0.0
+    time_per_epoch_s: float | None = None
+    storage_bytes: float = 0.0  # what one task's run saves in final/
+    inference_extra: float = 0.0  # extra FLOPs per token at inference, as trained
+    inference_extra_merged: float | None = None  # ... after `sftlab merge` (None: the method cannot merge)
+    fits: bool | None = None
+    fits_ckpt: bool | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def key(self) -> str:
+        return self.candidate.key
+
+
+def method_config(cand: Candidate):
+    return get_method(cand.method["name"]).config(**cand.method)
+
+
+def largest_pass(w: Workload, s: Settings, task: str, cand: Candidate) -> tuple[int, int]:
+    """(examples, tokens per example) of a step's largest pass: a batch of the longest examples, cut by
+    micro_batch_tokens into as few, as even passes as sftlab's `balanced_parts` makes."""
+    length = w.max_tokens
+    cost = length  # the batcher counts real tokens (virtual ones are not in the examples)
+    per_pass = s.batch_size
+    if s.micro_batch_tokens:
+        fit = max(1, s.micro_batch_tokens // cost)
+        parts = -(-s.batch_size // fit)
+        per_pass = -(-s.batch_size // parts)
+    return per_pass, length + cand.virtual_tokens
+
+
+def passes_per_step(w: Workload, s: Settings) -> int:
+    if not s.micro_batch_tokens:
+        return 1
+    fit = max(1, s.micro_batch_tokens // w.max_tokens)
+    return -(-s.batch_size // fit)
+
+
+def _pass(w: Workload, s: Settings, task: str, cand: Candidate) -> Pass:
+    rows, length = largest_pass(w, s, task, cand)
+    if task == "seq2seq":
+        return Pass(rows * w.target_max, w.target_max, 1.0, rows * length, length, cand.prefix_tokens)
+    return Pass(
+        rows * length,
+        length,
+        w.supervised_share,
+        prefix=cand.prefix_tokens,
+        trim_last_mlp=not cand.virtual_tokens,
+    )
+
+
+def block_flops(
+    shape: Shape, b: BlockTraining, n: float, keys: float, mlp_share: float, cross: float = 0
+) -> tuple[float, float]:
+    """(forward, backward) FLOPs of block b over n tokens attending to `keys` keys (cross: source keys)."""
+    mm = b.matmul - b.matmul_mlp + b.matmul_mlp * mlp_share
+    attn = 4 * shape.q * n * (keys + cross)
+    fwd = 2 * mm * n + 2 * b.added * n + attn
+    if not b.grads:
+        return fwd, 0.0
+    bwd = 2 * mm * n + 2 * b.matmul_trains * n + 4 * b.added * n + 2 * attn
+    return fwd, bwd
+
+
+def example_flops(
+    shape: Shape,
+    blocks: list[BlockTraining],
+    head: tuple[int, bool],
+    other: int,
+    task: str,
+    length: float,
+    target: float,
+    share: float,
+    cand: Candidate,
+    trim: bool = True,
+) -> tuple[float, float]:
+    """(forward, training) FLOPs of one example of `length` tokens (seq2seq: `length` source + `target`)."""
+    fwd = bwd = 0.0
+    n = length + cand.virtual_tokens
+    decoder = [b for b in blocks if b.stack.startswith("decoder")] if shape.family == "t5" else []
+    last = blocks[-1] if blocks else None
+    for b in blocks:
+        if b in decoder:
+            f, g = block_flops(shape, b, target, target + cand.prefix_tokens, 1.0, cross=length)
+        else:
+            mlp_share = (
+                share if (trim and task == "causal-lm" and b is last and not cand.virtual_tokens) else 1.0
+            )
+            f, g = block_flops(shape, b, n, n + cand.prefix_tokens, mlp_share)
+        fwd, bwd = fwd + f, bwd + g
+    head_w, head_trains = head
+    rows = {"causal-lm": length * share, "seq2seq": target}.get(task, 0.0)
+    fwd += 2 * head_w * rows + 2 * other
+    if any(b.grads for b in blocks):
+        bwd += 2 * head_w * rows
+    if head_trains:
+        bwd += 2 * head_w * rows
+    return fwd, fwd + bwd
+
+
+def inference_extra(shape: Shape, blocks: list[BlockTraining], cand: Candidate) -> tuple[float, float | None]:
+    """Extra FLOPs per token at inference over the base model: (as trained, after merging or None)."""
+    added = sum(b.added for b in blocks)
+    if cand.family == "reparameterized":
+        return 2.0 * added, 0.0
+    if cand.family == "additive":
+        return 2.0 * added, None
+    if cand.family == "soft-prompt":
+        sites = len(blocks) + sum(
+            1 for b in blocks if b.stack.startswith("decoder")
+        )  # T5: cross-attention too
+        m = cand.prefix_tokens or cand.virtual_tokens
+        return 4.0 * shape.q * m * sites, None
+    return 0.0, None
+
+
+def estimate(
+    source: ModelSource,
+    cand: Candidate,
+    w: Workload,
+    s: Settings,
+    device: Device,
+    tput: Throughput,
+    base_total: int | None = None,
+) -> Estimate:
+    """Every number of `cand` for this model, workload, settings and device."""
+    est = Estimate(cand)
+    if not cand.available:
+        est.notes.append(cand.note)
+        return est
+    dtype = DTYPES[s.dtype]
+    model = with_method(source, method_config(cand), dtype)
+    shape = shape_of(source.config)
+    est.trainable, est.total = count_parameters(model)
+    est.base_total = base_total if base_total is not None else count_parameters(meta_model(source, dtype))[1]
+    blocks = read_blocks(model, shape.family)
+    head = head_matmul(model, source.task)
+    e = torch.tensor([], dtype=dtype).element_size()
+    by = Bytes(e, e if device.kind == "cpu" else 1, device.kind == "cpu")
+    p = _pass(w, s, source.task, cand)
+    est.pass_tokens = p.tokens + p.source_tokens
+    act = pass_activation_bytes(shape, blocks, p, by, source.task, head[1])
+    act_ckpt = pass_activation_bytes(shape, blocks, p, by, source.task, head[1], checkpointing=True)
+    workspace = 0.0
+    if source.task == "causal-lm":
+        rows = min(s.loss_chunk_size, max(1, round(p.tokens * p.supervised_share)))
+        workspace += rows * shape.vocab * 4
+    workspace += 2 * p.tokens * shape.ffn * e
+    est.memory = Memory(
+        est.total * e,
+        est.trainable * e,
+        2 * est.trainable * e,
+        act,
+        act_ckpt,
+        workspace,
+        head_gradient=head[0] * 4 if head[1] and source.task == "causal-lm" else 0.0,
+        accumulates=passes_per_step(w, s) > 1,
+        allocator_share=ALLOCATOR_SHARE.get(device.kind, 0.0),
+        runtime=RUNTIME.get(device.kind, 0.0),
+    )
+    per_example = w.mean_tokens + w.target_mean
+    fwd, train = example_flops(
+        shape, blocks, head, outside_matmul(model, source.task), source.task, w.mean_tokens, w.target_mean,
+        w.supervised_share, cand,
+    )  # fmt: skip
+    est.flops_forward, est.flops_train = fwd / per_example, train / per_example
+    est.tokens_per_epoch = w.tokens
+    if tput.flops > 0:
+        est.time_per_epoch_s = est.flops_train * est.tokens_per_epoch * s.epochs / tput.flops
+    saves_full = get_method(cand.method["name"]).saves_full_model
+    est.storage_bytes = (est.total if saves_full else est.trainable) * e
+    est.inference_extra, est.inference_extra_merged = inference_extra(shape, blocks, cand)
+    est.fits = est.memory.peak <= device.memory
+    est.fits_ckpt = est.memory.peak_ckpt <= device.memory
+    if not shape.known:
+        est.notes.append(f"model_type {shape.model_type!r} is sized as Llama-like (approximate)")
+    return est
+
+
+def run_config(source: ModelSource, cand: Candidate, s: Settings, data: dict, output_dir: str) -> RunConfig:
+    """A runnable sftlab config for `cand` (data: the `data:` section)."""
+    from ..config import build_config
+
+    raw = {
+        "model": {"name": source.name, "task": source.task, "dtype": s.dtype},
+        "method": dict(cand.method),
+        "data": data,
+        "train": {"output_dir": output_dir, "batch_size": s.batch_size, "epochs": s.epochs},
+        "perf": {"micro_batch_tokens": s.micro_batch_tokens, "loss_chunk_size": s.loss_chunk_size},
+    }
+    return build_config(raw, "plan")

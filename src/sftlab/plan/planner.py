@@ -1,0 +1,226 @@
+"""`make_plan`: the model, the workload, the device -> every candidate's estimate and the recommendation.
+
+This is the one function `sftlab plan` calls (and that `sftlab compare` and benchmarks/plan_accuracy.py can call):
+resolve the model's config (no weights), count or state the workload, read the device, estimate each candidate
+on the meta model, and let the rule table decide. `measure_plan` adds measured numbers beside the estimates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..config import DataConfig, dump_config
+from ..errors import ConfigError
+from ..models import DTYPES
+from . import device as devices
+from . import measure as measuring
+from .candidates import Candidate, candidates
+from .estimate import Estimate, Settings, estimate, meta_model, run_config
+from .model import ModelSource, resolve
+from .rules import Recommendation, Situation, decide
+from .workload import Workload, counted, stated
+
+
+@dataclass
+class PlanInputs:
+    """What the user told `sftlab plan` (CLI flags, one to one)."""
+
+    model: str
+    task: str | None = None
+    data: list[str] = field(default_factory=list)
+    format: str = "alpaca"
+    max_length: int = 512
+    examples: int | None = None
+    seq_len: int | None = None
+    target_len: int | None = None
+    supervised_share: float = 0.5
+    tasks: int = 1
+    device: str | None = None
+    batch_size: int = 8
+    dtype: str | None = None
+    epochs: float = 1.0
+    time_budget_s: float | None = None
+    needs: list[str] = field(default_factory=list)
+    throughput_tflops: float | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class Plan:
+    inputs: PlanInputs
+    source: ModelSource
+    workload: Workload
+    device: devices.Device
+    settings: Settings
+    throughput: devices.Throughput
+    estimates: list[Estimate]
+    situation: Situation
+    recommendation: Recommendation
+    measured: dict[str, measuring.Measured] = field(default_factory=dict)
+    measured_on: str = ""
+
+    def by_key(self, key: str) -> Estimate:
+        return next(e for e in self.estimates if e.key == key)
+
+
+def data_section(inp: PlanInputs, file: str | None = None) -> DataConfig:
+    try:
+        return DataConfig(train=file or "data.jsonl", format=inp.format, max_length=inp.max_length)
+    except ValueError as e:
+        raise ConfigError(f"--format/--max-length: {e}") from None
+
+
+def workload_of(inp: PlanInputs, source: ModelSource) -> Workload:
+    if inp.data:
+        if inp.examples is not None or inp.seq_len is not None:
+            raise ConfigError("--data counts the examples and lengths; drop --examples/--seq-len (or --data)")
+        for f in inp.data:
+            if not Path(f).exists():
+                raise ConfigError(f"--data: {f!r} does not exist")
+        from ..models import load_tokenizer
+
+        tok = load_tokenizer(source.tokenizer, inp.trust_remote_code) if source.tokenizer else None
+        return counted(inp.data, tok, source.task, data_section(inp, inp.data[0]))
+    if inp.examples is None or inp.seq_len is None:
+        raise ConfigError("give the data: --data FILE... (counted), or --examples N and --seq-len L")
+    return stated(source.task, inp.examples, inp.seq_len, inp.supervised_share, inp.target_len)
+
+
+def situation_of(
+    estimates: list[Estimate], w: Workload, inp: PlanInputs, base_params: int, epochs: float
+) -> Situation:
+    ok = [e for e in estimates if e.candidate.available]
+    within = {}
+    if inp.time_budget_s is not None:
+        within = {
+            e.key: e.time_per_epoch_s is not None and e.time_per_epoch_s <= inp.time_budget_s for e in ok
+        }
+    return Situation(
+        fits={e.key: bool(e.fits) for e in ok},
+        fits_ckpt={e.key: bool(e.fits_ckpt) for e in ok},
+        within_time=within,
+        storage={e.key: e.storage_bytes for e in ok},
+        params=base_params,
+        tokens=w.tokens * epochs,
+        close_to_pretraining=inp.format == "text" and bool(inp.data or inp.examples),
+        tasks=inp.tasks,
+        needs=frozenset(inp.needs),
+        data_format=inp.format,
+    )
+
+
+def make_plan(inp: PlanInputs, log=print) -> Plan:
+    """Every candidate's numbers and the recommendation, for `inp`."""
+    source = resolve(inp.model, inp.task, trust_remote_code=inp.trust_remote_code)
+    dev = devices.parse(inp.device)
+    dtype = inp.dtype or ("float32" if dev.kind == "cpu" else "bfloat16")
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+    settings = Settings(batch_size=inp.batch_size, dtype=dtype, epochs=inp.epochs)
+    w = workload_of(inp, source)
+    tput = devices.throughput(dev, dtype, inp.throughput_tflops)
+    from ..methods._targets import count_parameters
+
+    base_total = count_parameters(meta_model(source, DTYPES[dtype]))[1]
+    layers = max(1, _layers(source))
+    ests = [estimate(source, c, w, settings, dev, tput, base_total) for c in candidates(layers, source.task)]
+    sit = situation_of(ests, w, inp, base_total, inp.epochs)
+    return Plan(inp, source, w, dev, settings, tput, ests, sit, decide(sit))
+
+
+def _layers(source: ModelSource) -> int:
+    from .model import shape_of
+
+    return shape_of(source.config).layers
+
+
+def measure_plan(plan: Plan, steps: int, timeout: float, threads: int, log=print) -> None:
+    """Run `steps` real steps of each candidate that fits this machine, each in its own process."""
+    here = devices.detect()
+    plan.measured_on = f"this machine: {here.label}, {threads} threads, {steps} steps"
+    if here.kind != "cpu":
+        log("note: --measure runs on the CPU (sftlab trains on CPUs); the GPU estimates are not measured")
+        here = devices.Device("cpu", devices._ram(), 1, "cpu", "detected")
+    for est in plan.estimates:
+        c = est.candidate
+        if not c.available:
+            continue
+        if est.memory is not None and est.memory.peak > 0.8 * here.memory:
+            plan.measured[est.key] = measuring.Measured(
+                skipped="estimated peak beyond 80% of this machine's memory"
+            )
+            continue
+        log(f"measuring {c.label} ...")
+        plan.measured[est.key] = measuring.run(worker_spec(plan, c, steps, threads), timeout)
+
+
+def worker_spec(plan: Plan, c: Candidate, steps: int, threads: int) -> dict:
+    inp, src, w = plan.inputs, plan.source, plan.workload
+    data = {"train": str(Path(inp.data[0]).resolve()), "format": inp.format, "max_length": inp.max_length} if inp.data else {"train": "synthetic"}  # fmt: skip
+    cfg = run_config(src, c, plan.settings, data, "unused")
+    raw = cfg.model_dump(mode="json")
+    raw["train"].update(max_steps=steps, progress=False, threads=threads)
+    raw["model"]["name"] = src.name if src.has_weights else "config-only"
+    spec = {
+        "config": raw,
+        "threads": threads,
+        "steps": steps,
+        "weights": src.has_weights,
+        "config_path": src.name,
+        "tokenizer": src.tokenizer,
+    }
+    if not inp.data:
+        n = max(steps * plan.settings.batch_size, 2)
+        spec["synthetic"] = {"n": n, "length": w.max_tokens, "share": w.supervised_share,
+                             "target": w.target_max or w.max_tokens, "vocab": src.config.vocab_size}  # fmt: skip
+    return spec
+
+
+# -- the config for the choice -----------------------------------------------------------------------------------
+
+# Learning rates to start from, per method: full 2e-5 (the Alpaca/Vicuna recipes), freeze 5e-5, LoRA/DoRA 2e-4
+# (QLoRA's for 7-13B models), bottleneck adapters 1e-4 (AdapterHub's default), prefix 5e-3 and prompt 3e-2 (PEFT's
+# examples with AdamW). Starting points, not tuned per task: `sftlab compare` (phase 2) will measure them.
+LEARNING_RATES = {"full": 2e-5, "freeze": 5e-5, "lora": 2e-4, "adapter": 1e-4, "prefix": 5e-3, "prompt": 3e-2}
+
+
+def write_config(plan: Plan, key: str, path: Path) -> Path:
+    """A runnable sftlab config for candidate `key`, with a header saying how it was chosen and how to run it."""
+    c = plan.by_key(key).candidate
+    if not c.available:
+        raise ConfigError(f"--write-config: {c.label} is {c.note}")
+    inp = plan.inputs
+    if len(inp.data) > 1:
+        data = {"format": inp.format, "max_length": inp.max_length, "mixing": {"strategy": "temperature", "temperature": 2.0},
+                "tasks": [{"name": _task_name(f, i), "train": f} for i, f in enumerate(inp.data)]}  # fmt: skip
+    elif inp.data:
+        data = {"train": inp.data[0], "format": inp.format, "max_length": inp.max_length}
+    else:
+        data = {"train": "data/train.jsonl", "format": inp.format, "max_length": inp.max_length}
+    cfg = run_config(plan.source, c, plan.settings, data, f"runs/{key}")
+    cfg.train.lr = LEARNING_RATES.get(c.method["name"], 2e-4)
+    if plan.by_key(key).fits is False and plan.by_key(key).fits_ckpt:
+        cfg.train.gradient_checkpointing = True
+    rec = plan.recommendation
+    lines = [f"# written by `sftlab plan --model {inp.model}`: {c.label}"]
+    if rec.choice == key:
+        lines += [f"#   {r.factor}: {r.text}" for r in rec.reasons]
+    if not inp.data:
+        lines.append("# data.train is a placeholder: point it at your data (the plan assumed "
+                     f"{plan.workload.described})")  # fmt: skip
+    lines.append(f"# run: sftlab train {path}")
+    text = "\n".join(lines) + "\n" + dump_config(cfg)
+    yaml.safe_load(text)  # what we write parses
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def _task_name(f: str, i: int) -> str:
+    import re
+
+    stem = re.sub(r"[^A-Za-z0-9_-]", "-", Path(f).stem) or "task"
+    return f"{stem}-{i}" if i else stem
