@@ -7,6 +7,7 @@ for a run's final/ and logs, CheckpointError for checkpoints.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -86,3 +87,15 @@ def read_jsonl(
 def _reason(e: BaseException) -> str:
     text = getattr(e, "strerror", None) or str(e)
     return text.strip().splitlines()[0] if text.strip() else type(e).__name__
+
+
+def weights_digest(model_dir: str | Path) -> str:
+    """sha256 over a model directory's weight files (name and bytes): which model a later stage or round started
+    from, so a rerun can tell that it has changed since."""
+    h = hashlib.sha256()
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        h.update(f.name.encode() + b"\0")
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()

@@ -32,7 +32,6 @@ a self-training stage kind (pseudo-labels); per-stage `--overwrite`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -41,21 +40,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .config import (
     RunConfig,
     _suggest,
     build_config,
     deep_merge,
-    dump_config,
     load_yaml,
     require_remote_code_flag,
 )
 from .errors import ConfigError, DataError
+from .files import weights_digest
 from .merged import merge_run, mergeable
 from .methods import get_method
 from .recipe import train
+from .rundir import config_changes, describe_changes
 
 PIPELINE_FILE = "pipeline.json"
 PREVIOUS = "previous"
@@ -211,17 +209,6 @@ def _check_paths(cfg: RunConfig, source: str) -> None:
 # -- pipeline.json -------------------------------------------------------------------------------------------
 
 
-def weights_digest(model_dir: Path) -> str:
-    """sha256 over a model directory's weight files (name and bytes): what a later stage started from."""
-    h = hashlib.sha256()
-    for f in sorted(model_dir.glob("*.safetensors")):
-        h.update(f.name.encode() + b"\0")
-        with f.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 def _read_record(root: Path) -> dict:
     path = root / PIPELINE_FILE
     if not path.is_file():
@@ -270,32 +257,12 @@ def _stage_row(stage: Stage, old: dict | None) -> dict:
 
 def _check_run_dir(stage: Stage) -> None:
     """A stage's existing run directory must hold a run of this very config (resume or reuse would mix two)."""
-    saved = stage.run_dir / "config.yaml"
-    if not saved.is_file():
-        return
-    want = yaml_dict(dump_config(stage.cfg))
-    have = yaml_dict(saved.read_text())
-    if have == want:
-        return
-    diff = sorted(_differences(have, want))
-    shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diff[:4]) + (" ..." if len(diff) > 4 else "")
-    raise ConfigError(
-        f"{stage.label}: {stage.run_dir} holds a run of another config ({shown}); put the stage's config back, or "
-        f"remove {stage.run_dir} to redo the stage (and the stages after it)"
-    )
-
-
-def yaml_dict(text: str) -> dict:
-    return yaml.safe_load(text) or {}
-
-
-def _differences(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b), key=str):
-            out += _differences(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [(prefix.rstrip("."), a, b)]
+    diff = config_changes(stage.run_dir, stage.cfg)
+    if diff:
+        raise ConfigError(
+            f"{stage.label}: {stage.run_dir} holds a run of another config ({describe_changes(diff)}); put the stage's "
+            f"config back, or remove {stage.run_dir} to redo the stage (and the stages after it)"
+        )
 
 
 def _check_init(stage: Stage, row: dict, prev_row: dict | None) -> None:

@@ -19,6 +19,9 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from .config import RunConfig, dump_config, load_config, save_config
 from .errors import RunDirError
@@ -77,6 +80,31 @@ def check_writable(run_dir: Path, key: str = "train.output_dir") -> None:
             f"{key}: {run_dir}: not writable{where}: {e.strerror or e}; choose a directory you can "
             "write to, or fix its permissions"
         ) from None
+
+
+def config_changes(run_dir: Path, cfg: RunConfig) -> list[tuple[str, Any, Any]]:
+    """(dotted key, saved value, `cfg`'s value) where the run in `run_dir` was started with another config; empty
+    when it holds none or one equal to `cfg` (a pipeline stage or self-training round may only resume its own)."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return []
+    have = yaml.safe_load(saved.read_text()) or {}
+    return sorted(_differences(have, yaml.safe_load(dump_config(cfg)) or {}))
+
+
+def describe_changes(diff: list[tuple[str, Any, Any]], limit: int = 4) -> str:
+    return "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diff[:limit]) + (
+        " ..." if len(diff) > limit else ""
+    )
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += _differences(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [(prefix.rstrip("."), a, b)]
 
 
 def check_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
