@@ -3,9 +3,10 @@
 Why: torch runs an op's parallel region on all its threads, and the op ends when the last one arrives; GNU
 OpenMP's idle threads spin ~300k iterations (a few ms) before they sleep. With as many threads as cores while
 other processes hold those cores, every region waits for a thread the kernel has descheduled, and the waiting
-threads spin away the CPU share the late one needs: beside busy processes on 2 cores a tiny-llama run fell
-~100x, not the ~2-3x its lost CPU share explains (benchmarks/README.md, "CPU contention"). One thread has no
-regions to wait at. A passive OpenMP wait (`OMP_WAIT_POLICY=PASSIVE`) also cures it, but measured 15-45% slower
+threads spin away the CPU share the late one needs: on 2 cores beside 4 spinning processes a tiny-llama run
+got ~700 tokens per CPU-second instead of ~5,000-30,000, so it fell 14x (from an already contended 3,600 tok/s)
+to 100x+ (from near idle), not by its lost CPU share (benchmarks/README.md, "CPU contention"). One thread has no
+regions to wait at. A passive OpenMP wait (`OMP_WAIT_POLICY=PASSIVE`) also cures it, but measured 11-45% slower
 on the 58M benchmark model when nothing else runs (every region then pays a wake-up), so sftlab leaves the
 policy alone (a user's OMP_WAIT_POLICY still applies) and follows the load instead:
 
