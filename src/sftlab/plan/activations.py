@@ -45,9 +45,7 @@ class Pass:
 
     tokens: int  # real tokens (plus virtual ones for prompt tuning)
     span: int  # positions one attention call spans (an example's length: packed rows attend per example)
-    supervised_share: (
-        float  # share of positions the loss reads (the LM head and the trimmed last MLP run there)
-    )
+    supervised_share: float  # positions the loss reads (the LM head and the trimmed last MLP run there)
     source_tokens: int = 0  # seq2seq: encoder tokens (tokens then counts decoder tokens)
     source_span: int = 0
     prefix: int = 0  # prefix tuning: virtual keys/values per attention call
@@ -79,9 +77,7 @@ def _attention(shape: Shape, span: int, by: Bytes, prefix: int = 0, kv_len: int 
     keys = (kv_len if kv_len is not None else span) + prefix
     ratio = keys / max(1, span)
     fused = shape.family == "gpt2"  # q, k, v are views of the one c_attn output
-    if (
-        by.math_attention and shape.attn_dropout
-    ):  # sdpa's math path: probabilities, mask, dropped probabilities
+    if by.math_attention and shape.attn_dropout:  # sdpa's math path: probabilities, mask, dropped ones
         kept = 3 * e * h + 2 * e * q if fused else e * q + 2 * e * q * ratio
         return kept + (2 * e + by.mask) * a * keys
     if prefix:  # the prefix seam: keys/values with the prefix, expanded to every query head
@@ -98,9 +94,8 @@ def _mlp_act(shape: Shape, by: Bytes) -> float:
         return 4 * e * f  # gelu_new, written out in Python: x, x^3 term, tanh, 1 + tanh
     if shape.family == "bert":
         return e * f  # erf GELU keeps its input
-    act = (
-        6 * e * f if shape.gated else e * f
-    )  # T5: ReLU output (gated-gelu: gelu_new, linear branch, product)
+    # T5: the ReLU output (gated-gelu: gelu_new's four, the linear branch, the product)
+    act = 6 * e * f if shape.gated else e * f
     return act + (by.mask * f if shape.dropout else 0)  # T5's dropout inside the MLP
 
 
@@ -150,7 +145,6 @@ def pass_activation_bytes(
     p: Pass,
     by: Bytes,
     task: str,
-    head_trains: bool,
     checkpointing: bool = False,
 ) -> float:
     """Bytes kept for backward over one pass (the blocks, the final norm and the loss), at its peak."""
@@ -188,8 +182,8 @@ def pass_activation_bytes(
         total += tokens_enc * final
     if task == "causal-lm":
         total += p.tokens * (final + e * h * p.supervised_share)  # + the fused head's dL/dh rows
-    elif task == "seq2seq":
-        total += p.tokens * (final + 2 * FP32 * shape.vocab)  # log-softmax of the logits, twice (see README)
-    elif shape.family == "bert" and head_trains:
-        total += 0.0  # pooler and classifier: one row per example
+    elif task == "seq2seq":  # the logits' log-softmax, twice: the HF model scores `labels=` itself, and so
+        total += p.tokens * (
+            final + 2 * FP32 * shape.vocab
+        )  # does the objective (seq-cls: one row per example)
     return total

@@ -152,15 +152,21 @@ def _pass(w: Workload, s: Settings, task: str, cand: Candidate) -> Pass:
 
 
 def block_flops(
-    shape: Shape, b: BlockTraining, n: float, keys: float, mlp_share: float, cross: float = 0
+    shape: Shape, b: BlockTraining, n: float, keys: float, mlp_share: float, source: float = 0
 ) -> tuple[float, float]:
-    """(forward, backward) FLOPs of block b over n tokens attending to `keys` keys (cross: source keys)."""
-    mm = b.matmul - b.matmul_mlp + b.matmul_mlp * mlp_share
-    attn = 4 * shape.q * n * (keys + cross)
-    fwd = 2 * mm * n + 2 * b.added * n + attn
+    """(forward, backward) FLOPs of block b over n tokens attending to `keys` keys; `source`: a T5 decoder block's
+    source length (its cross-attention reads that many keys, projected once per source token)."""
+    mm = (
+        (b.matmul - b.matmul_mlp - b.matmul_source) * n
+        + b.matmul_mlp * mlp_share * n
+        + b.matmul_source * source
+    )
+    trains = (b.matmul_trains - b.matmul_source_trains) * n + b.matmul_source_trains * source
+    attn = 4 * shape.q * n * (keys + source)
+    fwd = 2 * mm + 2 * b.added * n + attn
     if not b.grads:
         return fwd, 0.0
-    bwd = 2 * mm * n + 2 * b.matmul_trains * n + 4 * b.added * n + 2 * attn
+    bwd = 2 * mm + 2 * trains + 4 * b.added * n + 2 * attn
     return fwd, bwd
 
 
@@ -183,7 +189,7 @@ def example_flops(
     last = blocks[-1] if blocks else None
     for b in blocks:
         if b in decoder:
-            f, g = block_flops(shape, b, target, target + cand.prefix_tokens, 1.0, cross=length)
+            f, g = block_flops(shape, b, target, target + cand.prefix_tokens, 1.0, source=length)
         else:
             mlp_share = (
                 share if (trim and task == "causal-lm" and b is last and not cand.virtual_tokens) else 1.0
@@ -241,8 +247,8 @@ def estimate(
     by = Bytes(e, e if device.kind == "cpu" else 1, device.kind == "cpu")
     p = _pass(w, s, source.task, cand)
     est.pass_tokens = p.tokens + p.source_tokens
-    act = pass_activation_bytes(shape, blocks, p, by, source.task, head[1])
-    act_ckpt = pass_activation_bytes(shape, blocks, p, by, source.task, head[1], checkpointing=True)
+    act = pass_activation_bytes(shape, blocks, p, by, source.task)
+    act_ckpt = pass_activation_bytes(shape, blocks, p, by, source.task, checkpointing=True)
     workspace = 0.0
     if source.task == "causal-lm":
         rows = min(s.loss_chunk_size, max(1, round(p.tokens * p.supervised_share)))

@@ -54,9 +54,9 @@ class BlockTraining:
     adapters: list[int] = field(default_factory=list)  # bottleneck width of each adapter point
     matmul: int = 0  # base matmul weights (the per-token 2N forward FLOPs of the block)
     matmul_trains: int = 0  # ... of which train (their weight gradient costs 2N more)
-    matmul_mlp: int = (
-        0  # ... of which are the MLP's (sftlab runs the last block's MLP on supervised positions)
-    )
+    matmul_mlp: int = 0  # ... of which the MLP's (sftlab runs the last block's MLP on supervised rows)
+    matmul_source: int = 0  # ... of which read the source (T5 cross-attention k, v: per source token)
+    matmul_source_trains: int = 0
     added: int = 0  # the method's own matmul weights in this block (LoRA A/B, adapter down/up)
 
 
@@ -119,8 +119,11 @@ def read_blocks(model: nn.Module, family: str) -> list[BlockTraining]:
                     b.matmul += p.numel()
                     if role in ("up", "down"):
                         b.matmul_mlp += p.numel()
+                    if role == "xkv":
+                        b.matmul_source += p.numel()
                     if p.requires_grad:
                         b.matmul_trains += p.numel()
+                        b.matmul_source_trains += p.numel() if role == "xkv" else 0
                         b.saves.add(role)
                 elif p.requires_grad and p.dim() == 1 and "norm" in pname.lower():
                     b.norm_trains = True
