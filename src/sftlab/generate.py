@@ -8,8 +8,10 @@ import torch
 from torch import nn
 
 from .config import DataConfig
+from .data.templates import END_OF_TURN
 from .errors import ConfigError, ModelError
 from .models import describe_limit, position_limit
+from .scores import cut_at
 
 log = logging.getLogger(__name__)
 
@@ -126,3 +128,26 @@ def generate_ids(
         )  # (B, new) ; seq2seq rows start with the decoder start token
         outs.extend(row.tolist() for row in new.cpu())
     return outs
+
+
+class Answers:
+    """Where a generated answer ends and what it says: at the first EOS or end-of-turn token (a marker that is one
+    token), its text cut at an end-of-turn marker written as plain text (a template whose marker is not one token).
+    Per-task evaluation scores these answers; self-training keeps them as pseudo-labels."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.stop_ids = {tokenizer.eos_token_id} - {None}
+        for marker in END_OF_TURN:
+            enc = tokenizer(marker, add_special_tokens=False, verbose=False)["input_ids"]
+            if len(enc) == 1:
+                self.stop_ids.add(enc[0])
+        self.markers = (*END_OF_TURN, tokenizer.eos_token or "")
+
+    def end(self, ids: list[int]) -> int | None:
+        """Index of the first stop token in `ids`; None when the answer never ends there."""
+        return next((j for j, t in enumerate(ids) if t in self.stop_ids), None)
+
+    def text(self, ids: list[int]) -> str:
+        end = self.end(ids)
+        return cut_at(self.tokenizer.decode(ids[:end], skip_special_tokens=True), self.markers)

@@ -26,8 +26,11 @@ find that output unchanged (its weights' sha256 is recorded): otherwise the pipe
 remove, rather than mixing results of two configs. PIPE_DIR/pipeline.json records the stages, their status,
 results and where each started from.
 
+A stage with a `self_train:` section is a self-training stage (selftrain/run.py): its run config trains the teacher
+and the students, its rounds go under PIPE_DIR/NN-name, and the next stage starts from its last student.
+
 Seams left for later: keeping a LoRA stage's adapter and stacking the next stage's on it (today it is merged);
-a self-training stage kind (pseudo-labels); per-stage `--overwrite`.
+per-stage `--overwrite`.
 """
 
 from __future__ import annotations
@@ -54,11 +57,13 @@ from .merged import merge_run, mergeable
 from .methods import get_method
 from .recipe import train
 from .rundir import config_changes, describe_changes
+from .selftrain import SECTION, SelfTrainConfig, SelfTraining, run_self_train, split_config
+from .selftrain import check as check_self_train
 
 PIPELINE_FILE = "pipeline.json"
 PREVIOUS = "previous"
 _TOP_KEYS = ("output_dir", "stages")
-_STAGE_KEYS = ("name", "config", "model", "method", "data", "train", "perf")
+_STAGE_KEYS = ("name", "config", "model", "method", "data", "train", "perf", SECTION)
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 _RESULT_KEYS = ("status", "error", "steps", "train_loss", "eval_loss", "eval_perplexity", "eval_accuracy",
                 "tokens_per_s", "train_time_s", "wall_time_s")  # fmt: skip
@@ -70,22 +75,32 @@ class Stage:
     name: str
     cfg: RunConfig
     init_from: str | None  # "previous" or None
+    self_train: SelfTrainConfig | None = None  # a self-training stage: its rounds go under run_dir
 
     @property
     def run_dir(self) -> Path:
         return Path(self.cfg.train.output_dir)
 
     @property
+    def job(self) -> SelfTraining | None:
+        return SelfTraining(self.cfg, self.self_train, self.label) if self.self_train else None
+
+    @property
+    def model_run(self) -> Path:
+        """The run whose model the stage ends with: its own, or a self-training stage's last student."""
+        return self.job.last_run() if self.job else self.run_dir
+
+    @property
     def label(self) -> str:
         return f"stages[{self.index}] ({self.name})"
 
     def finished(self) -> bool:
-        return (self.run_dir / "final" / "sftlab.json").is_file()
+        return (self.model_run / "final" / "sftlab.json").is_file()
 
     def output(self) -> Path:
         """The model directory the next stage starts from: final/ (a full model) or the merged one."""
         if get_method(self.cfg.method.name).saves_full_model:
-            return self.run_dir / "final"
+            return self.model_run / "final"
         return self.run_dir.parent / f"{self.run_dir.name}.merged"
 
 
@@ -187,6 +202,10 @@ def _stage(p: Path, i: int, s: Any, root: Path, before: list[Stage], trust_remot
     run_dir = root / f"{i + 1:02d}-{name}"
     merged = deep_merge(base, {**extra, "train": {**(extra.get("train") or {}), "output_dir": str(run_dir)}})
     source = f"{where} ({name})"
+    if SECTION in merged:  # a self-training stage: the run config is its teacher's and students'
+        cfg, st = split_config(merged, source, trust_remote_code)
+        check_self_train(SelfTraining(cfg, st, source))
+        return Stage(i, name, cfg, init_from, st)
     cfg = require_remote_code_flag(build_config(merged, source), trust_remote_code, source)
     _check_paths(cfg, source)
     return Stage(i, name, cfg, init_from)
@@ -234,7 +253,7 @@ def _stage_row(stage: Stage, old: dict | None) -> dict:
     row = {
         "name": stage.name,
         "run_dir": str(stage.run_dir),
-        "objective": c.train.objective,
+        "objective": "self-train" if stage.self_train else c.train.objective,
         "task": c.model.task,
         "method": c.method.name,
         "model": c.model.name,
@@ -340,6 +359,9 @@ def _train(stage: Stage, row: dict, log) -> dict:
     """The stage's run, resumed when it has a checkpoint; an interrupt or error is noted in its row and re-raised."""
     t0 = time.perf_counter()
     try:
+        if stage.job:  # its record says how far each round got; the stage reports the last student's result
+            run_self_train(stage.job, log)
+            return json.loads((stage.run_dir / "summary.json").read_text())
         return train(stage.cfg, resume_or_start=True, log=log)
     except KeyboardInterrupt:
         row["status"] = "interrupted"
@@ -362,9 +384,9 @@ def _feeds_next(pipe: Pipeline, stage: Stage) -> bool:
 def _make_output(stage: Stage, row: dict, trained: bool, log) -> None:
     """The model the next stage starts from: final/ itself, or the LoRA run merged (once; again if retrained)."""
     out = stage.output()
-    if out != stage.run_dir / "final" and (trained or not out.is_dir()):
+    if out != stage.model_run / "final" and (trained or not out.is_dir()):
         log(f"pipeline: merging {stage.name}'s {stage.cfg.method.name} into the weights: {out}")
-        merge_run(stage.run_dir, out, force=True, trust_remote_code=stage.cfg.model.trust_remote_code)
+        merge_run(stage.model_run, out, force=True, trust_remote_code=stage.cfg.model.trust_remote_code)
     row["output"] = str(out)
     row["output_digest"] = weights_digest(out)
 

@@ -47,7 +47,13 @@ class SelfTrainConfig(StrictModel):
         "dropped as each record is read, so a pool that happens to hold labels is treated exactly like one that "
         "does not.",
     )
-    limit: int | None = Field(None, gt=0, description="Use only the first N records of the pool.")
+    skip: int = Field(
+        0,
+        ge=0,
+        description="Leave out the pool's first N records: the labelled ones, when data.train is the first rows "
+        "(data.limit) of the same file.",
+    )
+    limit: int | None = Field(None, gt=0, description="Use at most N records of the pool (after `skip`).")
     teacher: str | None = Field(
         None,
         description="A trained run directory to start from (its final/ model labels round 1). null: a teacher is "

@@ -1,8 +1,9 @@
 """A teacher's pseudo-labels for the unlabelled pool, each with a confidence in [0, 1].
 
 seq-cls: the argmax class and its softmax probability. Generation (causal-lm, seq2seq): the greedy answer to each
-prompt, cut at the first EOS, scored by the mean log-probability the teacher gives its tokens (EOS included) in one
-teacher-forced pass; confidence = exp(that mean), the tokens' geometric-mean probability. An answer that does not
+prompt, cut at the first EOS or end-of-turn token (its text also at an end-of-turn marker written as plain text, as
+per-task evaluation reads answers), scored by the mean log-probability the teacher gives its tokens (the stop token
+included) in one teacher-forced pass; confidence = exp(that mean), the tokens' geometric-mean probability. An answer that does not
 end within max_new_tokens, or is empty, is kept out (`reason`), as is a prompt that leaves no room in
 data.max_length for an answer.
 """
@@ -20,7 +21,7 @@ from ..config import DataConfig
 from ..data import RawRecord, collate, encode_prompt, parse_record
 from ..data.encode import Encoder
 from ..data.formats import as_chat, as_pair
-from ..generate import generate_ids
+from ..generate import Answers, generate_ids
 from .rows import RESPONSE_FIELD
 
 SCORE_BATCH = 8
@@ -118,13 +119,12 @@ def answer_logprobs(
     return out
 
 
-def _cut(row: list[int], eos: int | None, seq2seq: bool) -> tuple[list[int], bool]:
-    """A generated row up to and including its first EOS; (tokens, finished)."""
+def _cut(row: list[int], answers: Answers, seq2seq: bool) -> tuple[list[int], bool]:
+    """A generated row up to and including its first stop token (EOS, a one-token end of turn); (tokens, ended)."""
     if seq2seq:
         row = row[1:]  # the decoder start token
-    if eos is not None and eos in row:
-        return row[: row.index(eos) + 1], True
-    return row, False
+    end = answers.end(row)
+    return (row, False) if end is None else (row[: end + 1], True)
 
 
 def generate_answers(
@@ -132,8 +132,8 @@ def generate_answers(
 ) -> list[Prediction]:
     """Each prompt's greedy answer with its mean token log-probability; `reason` says why one cannot be kept."""
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    answers = Answers(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     ids = [prompt_ids(tokenizer, data, r, seq2seq) for r in pool]
     out: list[Prediction | None] = [None] * len(pool)
     room = [i for i, p in enumerate(ids) if seq2seq or len(p) < data.max_length]
@@ -143,7 +143,7 @@ def generate_answers(
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         new = generate_ids(model, tokenizer, [ids[i] for i in idx], max_new_tokens, 0.0, len(idx))
-        cuts = [_cut(row, eos, seq2seq) for row in new]
+        cuts = [_cut(row, answers, seq2seq) for row in new]
         scored = [j for j, (a, _) in enumerate(cuts) if a]
         by_j: dict[int, list[float]] = {}
         for k in range(
@@ -156,10 +156,10 @@ def generate_answers(
             by_j.update(zip(part, logps))
         for j, i in enumerate(idx):
             tokens, finished = cuts[j]
-            text = tokenizer.decode([t for t in tokens if t != eos], skip_special_tokens=True).strip()
+            text = answers.text(tokens)
             lp = by_j.get(j)
             mean = sum(lp) / len(lp) if lp else None
-            reason = None if finished else f"no EOS within {max_new_tokens} new tokens"
+            reason = None if finished else f"no end (EOS) within {max_new_tokens} new tokens"
             if finished and not text:
                 reason = "empty answer"
             conf = math.exp(mean) if mean is not None else 0.0

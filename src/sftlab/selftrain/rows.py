@@ -45,18 +45,22 @@ def check_format(data: DataConfig, where: str) -> None:
         )
 
 
-def read_pool(path: str, data: DataConfig, limit: int | None) -> list[RawRecord]:
-    """The unlabelled pool's inputs: each record holds only its format's prompt fields (see the module doc)."""
+def read_pool(path: str, data: DataConfig, skip: int = 0, limit: int | None = None) -> list[RawRecord]:
+    """The unlabelled pool's inputs, records skip+1.. (at most `limit`): each holds only its format's prompt fields
+    (see the module doc)."""
     keep = PROMPT_FIELDS[data.format]
     columns = {k: v for k, v in data.columns.items() if k in keep}
     out = []
-    for rec in read_records(path, columns, limit, data.documents):
+    read = read_records(path, columns, None if limit is None else skip + limit, data.documents)
+    for rec in read[skip:]:
         fields = {k: rec.fields[k] for k in keep if k in rec.fields}
         if data.format == "messages":
             fields["messages"] = prompt_turns(rec.where, rec.fields.get("messages"))
         out.append(RawRecord(rec.where, fields))
     if not out:
-        raise DataError(f"{path}: no records in the unlabelled pool")
+        raise DataError(
+            f"{path}: no records in the unlabelled pool" + (f" after the first {skip}" if skip else "")
+        )
     return out
 
 

@@ -193,10 +193,15 @@ def with_changes(cfg: RunConfig, source: str, data: dict, output_dir: Path) -> R
     return build_config(raw, source)
 
 
-def student_config(job: SelfTraining, r: int, names: list[str] | None, dev: Path | None) -> RunConfig:
+def student_config(
+    job: SelfTraining, r: int, names: list[str] | None, dev: Path | None, kept: int
+) -> RunConfig:
     """The config with data.train = the round's labelled + pseudo-labelled rows (weighted), the dev rows as eval."""
+    weight_field = (
+        job.weight_field if kept else job.cfg.data.weight_field
+    )  # no pseudo row: no weights to read
     data = {"train": str(job.round_dir(r) / "train.jsonl"), "eval": str(dev) if dev else None,
-            "eval_fraction": 0.0, "limit": None, "weight_field": job.weight_field}  # fmt: skip
+            "eval_fraction": 0.0, "limit": None, "weight_field": weight_field}  # fmt: skip
     if names is not None:
         data["label_names"] = names
     return with_changes(job.cfg, f"{job.source}: round {r} student", data, job.student_dir(r))
@@ -370,7 +375,7 @@ def _rounds(job: SelfTraining, record: dict, labelled: list[RawRecord], dev: Pat
         raise RunDirError(
             f"{teacher}/final/sftlab.json: label_names: the teacher classifier names no classes"
         )
-    pool = read_pool(job.st.unlabelled, job.cfg.data, job.st.limit)
+    pool = read_pool(job.st.unlabelled, job.cfg.data, job.st.skip, job.st.limit)
     for r in range(1, job.st.rounds + 1):
         meta_path = job.round_dir(r) / "round.json"
         digest = weights_digest(teacher / "final")
@@ -393,7 +398,11 @@ def _rounds(job: SelfTraining, record: dict, labelled: list[RawRecord], dev: Pat
         row["student"] = {"run_dir": str(job.student_dir(r)), "status": "running"}
         record["rounds"].append(row)
         _write(job, record)
-        s_cfg = student_config(job, r, names, dev)
+        if not meta["kept"]:
+            log(
+                f"warning: self-train: round {r} kept no pseudo-label; its student trains on the labelled rows alone"
+            )
+        s_cfg = student_config(job, r, names, dev, meta["kept"])
         summary = _tracked(row["student"], lambda c=s_cfg, r=r: train_run(c, f"round {r} student", log))
         _write(job, record)
         if summary["status"] not in OK:

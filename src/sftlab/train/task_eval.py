@@ -27,9 +27,8 @@ from typing import Any
 
 from ..data.batching import IGNORE
 from ..data.tasks import TASK_KEY, TEXT_TASKS
-from ..data.templates import END_OF_TURN
-from ..generate import generate_ids
-from ..scores import cut_at, exact_match, label_match, mean, token_f1
+from ..generate import Answers, generate_ids
+from ..scores import exact_match, label_match, mean, token_f1
 from .eval_loss import eval_loss
 from .objective import Objective
 
@@ -74,7 +73,7 @@ class TaskEval:
     generate_limit: int = 64
     reserved_positions: int = 0  # a prompt/prefix method's virtual tokens (generate.fit_new_tokens)
     route: Callable[[int, int], contextlib.AbstractContextManager] | None = None
-    _stops: tuple[set[int], tuple[str, ...]] | None = field(default=None, repr=False)
+    _answers: Answers | None = field(default=None, repr=False)
 
     def evaluate(
         self, objective: Objective, examples: list[dict], batch_size: int, pad_id: int
@@ -143,17 +142,9 @@ class TaskEval:
     def answer(self, ids: list[int]) -> str:
         """The text of an answer: ids up to the first EOS / end-of-turn token, decoded, cut at an end-of-turn
         marker written as plain text (a template whose marker is not one token), stripped."""
-        if self._stops is None:
-            tok = self.tokenizer
-            stop_ids = {tok.eos_token_id} - {None}
-            for marker in END_OF_TURN:
-                enc = tok(marker, add_special_tokens=False, verbose=False)["input_ids"]
-                if len(enc) == 1:
-                    stop_ids.add(enc[0])
-            self._stops = (stop_ids, (*END_OF_TURN, tok.eos_token or ""))
-        stop_ids, markers = self._stops
-        end = next((j for j, t in enumerate(ids) if t in stop_ids), len(ids))
-        return cut_at(self.tokenizer.decode(ids[:end], skip_special_tokens=True), markers)
+        if self._answers is None:
+            self._answers = Answers(self.tokenizer)
+        return self._answers.text(ids)
 
 
 def prompt_and_reference(example: dict, task: str) -> tuple[list[int], list[int]] | None:
