@@ -11,6 +11,8 @@ Setups:
   joint-full     one full fine-tune on the equal mixture, one classification head per task (MT-DNN style)
   joint-lora     one LoRA (r 8, q/v) shared by all tasks, one head per task
   pertask-lora   one LoRA per task on the frozen base (method.per_task: true), each row routed to its task's adapter
+  joint-full-mixed   joint-full without length grouping, so every batch mixes tasks (--setups to run it)
+  joint-full-pcgrad  the same with train.task_balancing: pcgrad (projecting conflicting task gradients)
 Per task: dev accuracy at the end; per setup: trainable parameters, storage per task (the files a task needs
 beyond the base model), training time, and the mean cosine of task gradients (train.task_grad_cosine_every).
 
@@ -33,6 +35,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
 SETUPS = ("single-full", "joint-full", "joint-lora", "pertask-lora")
+EXTRA = ("joint-full-mixed", "joint-full-pcgrad")  # batches that mix tasks (no length grouping); + PCGrad
 DEV_SIZE = 500
 
 
@@ -107,6 +110,14 @@ def run_config(
         task_list.append({"name": t, "format": "classification", **data[t]})
     method = {"name": "full"}
     lr = args.lr_full
+    extra: dict = {}
+    if (
+        setup in EXTRA
+    ):  # PCGrad acts only on steps that hold several tasks: length grouping would keep them apart
+        extra = {
+            "group_by_length": False,
+            **({"task_balancing": "pcgrad"} if setup.endswith("pcgrad") else {}),
+        }
     if setup in ("joint-lora", "pertask-lora"):
         method = {"name": "lora", "r": 8, "alpha": 16, "per_task": setup == "pertask-lora"}
         lr = args.lr_lora
@@ -126,6 +137,7 @@ def run_config(
             "seed": 0,
             "progress": False,
             **({"task_grad_cosine_every": max(1, steps // 10)} if len(tasks) > 1 else {}),
+            **extra,
         },
     }
 
@@ -263,11 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         accs = [r["acc"].get(t) for t in tasks]
         mean = sum(a for a in accs if a is not None) / max(1, sum(a is not None for a in accs))
-        store = (
-            sum(r["storage"].values()) / len(tasks)
-            if r["setup"] != "joint-full"
-            else max(r["storage"].values()) / len(tasks)
-        )
+        store = sum(r["storage"].values()) / len(tasks)  # what final/<task>/ holds: each loads alone
         cos = f"{r['cos']:.3f}" if r["cos"] is not None else "-"
         cells = " | ".join(f"{a:.3f}" if a is not None else "-" for a in accs)
         print(
