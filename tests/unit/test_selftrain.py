@@ -262,6 +262,8 @@ def test_bad_self_training_configs_are_refused_before_anything_trains(tmp_path, 
         ({"self_train": {"unlabelled": str(files["pool"]), "teacher": str(tmp_path)}}, "self_train.teacher: .*not a finished run"),
         ({"data": {"format": "text"}, "model": {"task": "causal-lm", "name": "tiny-llama"}}, "data.format: 'text'"),
         ({"self_train": {"unlabelled": str(files["pool"]), "threshold": 1.5}}, "self_train.threshold"),
+        ({"self_train": {"unlabelled": str(files["pool"]), "student_train": {"max_stepz": 9}}},
+         r"student \(self_train.student_train\): invalid config:\n  train.max_stepz: unknown key"),
     ]  # fmt: skip
     for change, msg in cases:
         bad = json.loads(json.dumps(raw))

@@ -89,6 +89,11 @@ class SelfTrainConfig(StrictModel):
         gt=0,
         description="Loss weight of each pseudo-labelled example in the student's training (labelled ones weigh 1).",
     )
+    student_train: dict[str, Any] = Field(
+        default_factory=dict,
+        description="train: keys the students use in place of the config's, e.g. {max_steps: 300}: a student sees "
+        "the labelled rows and the pseudo-labelled ones, often many times more than its teacher did.",
+    )
     max_new_tokens: int = Field(
         64, gt=0, description="Generation tasks: the longest answer the teacher writes for a prompt."
     )

@@ -123,6 +123,7 @@ def check(job: SelfTraining) -> None:
                        (f"{SECTION}.unlabelled", job.st.unlabelled)):  # fmt: skip
         if value is not None and not Path(value).exists():
             raise DataError(f"{where}: {key}: {value}: data file or directory does not exist")
+    student_config(job, 1, None, None, 0)  # student_train's keys are valid train: keys
     if job.st.teacher is not None and not (Path(job.st.teacher) / "final" / "sftlab.json").is_file():
         raise RunDirError(
             f"{where}: {SECTION}.teacher: {job.st.teacher}: not a finished run directory (no final/sftlab.json)"
@@ -186,9 +187,15 @@ def train_run(cfg: RunConfig, what: str, log) -> dict:
     return train(cfg, resume_or_start=True, log=log)
 
 
-def with_changes(cfg: RunConfig, source: str, data: dict, output_dir: Path) -> RunConfig:
+def with_changes(
+    cfg: RunConfig, source: str, data: dict, output_dir: Path, train_keys: dict | None = None
+) -> RunConfig:
     raw = cfg.model_dump(mode="json")
     raw["data"].update(data)
+    if train_keys:
+        if "output_dir" in train_keys:
+            raise ConfigError(f"{source}: {SECTION}.student_train.output_dir: set by self-training; drop it")
+        raw["train"].update(train_keys)
     raw["train"]["output_dir"] = str(output_dir)
     return build_config(raw, source)
 
@@ -204,7 +211,8 @@ def student_config(
             "eval_fraction": 0.0, "limit": None, "weight_field": weight_field}  # fmt: skip
     if names is not None:
         data["label_names"] = names
-    return with_changes(job.cfg, f"{job.source}: round {r} student", data, job.student_dir(r))
+    source = f"{job.source}: round {r} student ({SECTION}.student_train)"
+    return with_changes(job.cfg, source, data, job.student_dir(r), job.st.student_train)
 
 
 # -- pseudo-labels -------------------------------------------------------------------------------------------
