@@ -45,6 +45,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     data.add_argument("--format", default="alpaca", help="data.format of --data (default alpaca)")
     data.add_argument("--max-length", type=positive_int, default=512, help="data.max_length (default 512)")
+    data.add_argument(
+        "--column", action="append", default=[], metavar="KEY=FIELD",
+        help="data.columns entry for --data, e.g. text=sentence (repeatable)",
+    )  # fmt: skip
     p.add_argument("--tasks", type=positive_int, default=1, help="how many tasks the model will serve")
     p.add_argument("--device", help="cpu, cpu:64GB, cuda, cuda:24GB, cuda:80GBx8 (default: detected)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="examples per step (default 8)")
@@ -59,6 +63,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "data-sheet peak x 0.4)",
     )  # fmt: skip
     p.add_argument("--measure", action="store_true", help="run a few real steps per method on this machine")
+    p.add_argument(
+        "--threads", type=positive_int, help="CPU threads (default: the cores idle now, as training)"
+    )
     p.add_argument("--measure-steps", type=positive_int, default=3, help="steps per method (default 3)")
     p.add_argument(
         "--measure-timeout", type=positive_int, default=600, help="seconds per method (default 600)"
@@ -79,22 +86,24 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
     from ..plan import PlanInputs, make_plan, measure_plan, write_config
     from ..plan.report import render, to_json
-    from ..threads import choose_threads
 
     if args.epochs <= 0:
         raise ConfigError("--epochs must be > 0")
+    bad = [c for c in args.column if "=" not in c]
+    if bad:
+        raise ConfigError(f"--column: {bad[0]!r} is not KEY=FIELD (e.g. text=sentence)")
     inp = PlanInputs(
         model=args.model, task=args.task, data=list(args.data), format=args.format, max_length=args.max_length,
+        columns=dict(c.split("=", 1) for c in args.column),
         examples=args.examples, seq_len=args.seq_len, target_len=args.target_len,
         supervised_share=args.supervised_share, tasks=args.tasks, device=args.device, batch_size=args.batch_size,
         dtype=args.dtype, epochs=args.epochs, time_budget_s=args.time_budget, needs=list(args.needs),
-        throughput_tflops=args.throughput, trust_remote_code=args.trust_remote_code,
+        throughput_tflops=args.throughput, trust_remote_code=args.trust_remote_code, threads=args.threads,
     )  # fmt: skip
     log = (lambda *_: None) if args.json else print
     plan = make_plan(inp, log)
     if args.measure:
-        threads = choose_threads(None, lambda *_: None)
-        measure_plan(plan, args.measure_steps, args.measure_timeout, threads, log)
+        measure_plan(plan, args.measure_steps, args.measure_timeout, log)
     if args.json:
         print(json.dumps(to_json(plan), indent=2))
     else:

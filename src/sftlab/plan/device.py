@@ -122,19 +122,26 @@ def gpu_peak(device: Device, dtype: str) -> float:
     return (single if dtype == "float32" else half) * 1e12
 
 
-def cpu_matmul_peak(seconds: float = 0.3) -> float:
-    """fp32 FLOP/s of a 1024^3 matmul on this CPU now, with torch's current thread count (best of a few)."""
+def cpu_matmul_peak(threads: int | None = None, seconds: float = 0.3) -> float:
+    """fp32 FLOP/s of a 1024^3 matmul on this CPU now (best of a few), on `threads` threads (the count training
+    would take: the cores idle now) or torch's current count."""
     import torch
 
-    n = 1024
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)  # warm-up
-    best, deadline = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        t = time.perf_counter()
-        torch.mm(a, b)
-        best = max(best, 2 * n**3 / (time.perf_counter() - t))
-    return best
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        n = 1024
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        torch.mm(a, b)  # warm-up
+        best, deadline = 0.0, time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            t = time.perf_counter()
+            torch.mm(a, b)
+            best = max(best, 2 * n**3 / (time.perf_counter() - t))
+        return best
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)
@@ -143,17 +150,21 @@ class Throughput:
     described: str
 
 
-def throughput(device: Device, dtype: str, stated_tflops: float | None) -> Throughput:
+def throughput(
+    device: Device, dtype: str, stated_tflops: float | None, threads: int | None = None
+) -> Throughput:
     """Training FLOP/s for the time estimates (see the module docstring for the order)."""
     if stated_tflops is not None:
         return Throughput(stated_tflops * 1e12, f"{stated_tflops:g} TFLOP/s (--throughput)")
     if device.kind == "cpu":
         if device.source == "stated":
             return Throughput(0.0, "unknown for a stated CPU: give --throughput TFLOPS or --measure")
-        peak = cpu_matmul_peak()
+        peak = cpu_matmul_peak(threads)
+        on = f" on {threads} thread{'s' if threads != 1 else ''}" if threads else ""
         return Throughput(
             peak * CPU_EFFICIENCY,
-            f"{peak / 1e9:.0f} GFLOP/s fp32 matmul peak measured now x {CPU_EFFICIENCY} (sftlab's CPU efficiency)",
+            f"{peak / 1e9:.0f} GFLOP/s fp32 matmul peak measured now{on} x {CPU_EFFICIENCY} (sftlab's CPU "
+            "efficiency)",
         )
     peak = gpu_peak(device, dtype)
     return Throughput(

@@ -33,6 +33,7 @@ class PlanInputs:
     data: list[str] = field(default_factory=list)
     format: str = "alpaca"
     max_length: int = 512
+    columns: dict[str, str] = field(default_factory=dict)
     examples: int | None = None
     seq_len: int | None = None
     target_len: int | None = None
@@ -46,6 +47,7 @@ class PlanInputs:
     needs: list[str] = field(default_factory=list)
     throughput_tflops: float | None = None
     trust_remote_code: bool = False
+    threads: int | None = None  # CPU threads for the matmul peak and --measure (default: the idle cores)
 
 
 @dataclass
@@ -59,6 +61,7 @@ class Plan:
     estimates: list[Estimate]
     situation: Situation
     recommendation: Recommendation
+    threads: int = 1  # CPU threads of the matmul peak and of --measure
     measured: dict[str, measuring.Measured] = field(default_factory=dict)
     measured_on: str = ""
 
@@ -68,7 +71,9 @@ class Plan:
 
 def data_section(inp: PlanInputs, file: str | None = None) -> DataConfig:
     try:
-        return DataConfig(train=file or "data.jsonl", format=inp.format, max_length=inp.max_length)
+        return DataConfig(
+            train=file or "data.jsonl", format=inp.format, max_length=inp.max_length, columns=inp.columns
+        )
     except ValueError as e:
         raise ConfigError(f"--format/--max-length: {e}") from None
 
@@ -121,14 +126,17 @@ def make_plan(inp: PlanInputs, log=print) -> Plan:
         raise ConfigError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
     settings = Settings(batch_size=inp.batch_size, dtype=dtype, epochs=inp.epochs)
     w = workload_of(inp, source)
-    tput = devices.throughput(dev, dtype, inp.throughput_tflops)
+    from ..threads import choose_threads
+
+    threads = inp.threads or choose_threads(None, lambda *_: None)  # as `sftlab train` would take now
+    tput = devices.throughput(dev, dtype, inp.throughput_tflops, threads)
     from ..methods._targets import count_parameters
 
     base_total = count_parameters(meta_model(source, DTYPES[dtype]))[1]
     layers = max(1, _layers(source))
     ests = [estimate(source, c, w, settings, dev, tput, base_total) for c in candidates(layers, source.task)]
     sit = situation_of(ests, w, inp, base_total, inp.epochs)
-    return Plan(inp, source, w, dev, settings, tput, ests, sit, decide(sit))
+    return Plan(inp, source, w, dev, settings, tput, ests, sit, decide(sit), threads=threads)
 
 
 def _layers(source: ModelSource) -> int:
@@ -137,10 +145,12 @@ def _layers(source: ModelSource) -> int:
     return shape_of(source.config).layers
 
 
-def measure_plan(plan: Plan, steps: int, timeout: float, threads: int, log=print) -> None:
-    """Run `steps` real steps of each candidate that fits this machine, each in its own process."""
+def measure_plan(plan: Plan, steps: int, timeout: float, log=print) -> None:
+    """Run `steps` real steps of each candidate that fits this machine, each in its own process, on the plan's
+    thread count."""
+    threads = plan.threads
     here = devices.detect()
-    plan.measured_on = f"this machine: {here.label}, {threads} threads, {steps} steps"
+    plan.measured_on = f"this machine: {here.label}, {threads} thread{'s' * (threads != 1)}, {steps} steps"
     if here.kind != "cpu":
         log("note: --measure runs on the CPU (sftlab trains on CPUs); the GPU estimates are not measured")
         here = devices.Device("cpu", devices._ram(), 1, "cpu", "detected")
@@ -159,7 +169,10 @@ def measure_plan(plan: Plan, steps: int, timeout: float, threads: int, log=print
 
 def worker_spec(plan: Plan, c: Candidate, steps: int, threads: int) -> dict:
     inp, src, w = plan.inputs, plan.source, plan.workload
-    data = {"train": str(Path(inp.data[0]).resolve()), "format": inp.format, "max_length": inp.max_length} if inp.data else {"train": "synthetic"}  # fmt: skip
+    data = {"train": "synthetic"}
+    if inp.data:
+        data = {"train": str(Path(inp.data[0]).resolve()), "format": inp.format, "max_length": inp.max_length,
+                "columns": inp.columns}  # fmt: skip
     cfg = run_config(src, c, plan.settings, data, "unused")
     raw = cfg.model_dump(mode="json")
     raw["train"].update(max_steps=steps, progress=False, threads=threads)
@@ -194,10 +207,16 @@ def write_config(plan: Plan, key: str, path: Path) -> Path:
         raise ConfigError(f"--write-config: {c.label} is {c.note}")
     inp = plan.inputs
     if len(inp.data) > 1:
-        data = {"format": inp.format, "max_length": inp.max_length, "mixing": {"strategy": "temperature", "temperature": 2.0},
+        data = {"format": inp.format, "max_length": inp.max_length, "columns": inp.columns,
+                "mixing": {"strategy": "temperature", "temperature": 2.0},
                 "tasks": [{"name": _task_name(f, i), "train": f} for i, f in enumerate(inp.data)]}  # fmt: skip
     elif inp.data:
-        data = {"train": inp.data[0], "format": inp.format, "max_length": inp.max_length}
+        data = {
+            "train": inp.data[0],
+            "format": inp.format,
+            "max_length": inp.max_length,
+            "columns": inp.columns,
+        }
     else:
         data = {"train": "data/train.jsonl", "format": inp.format, "max_length": inp.max_length}
     cfg = run_config(plan.source, c, plan.settings, data, f"runs/{key}")

@@ -121,8 +121,9 @@ def render(plan: Plan, console=None) -> None:
     from rich.table import Table
 
     con = console or Console()
-    if con.width < WIDTH:  # a pipe or a narrow terminal: one line per method beats wrapped cells
-        con = Console(width=WIDTH, force_terminal=con.is_terminal)
+    width = WIDTH + (70 if plan.measured else 0)
+    if con.width < width:  # a pipe or a narrow terminal: one line per method beats wrapped cells
+        con = Console(width=width, force_terminal=con.is_terminal)
     src, w = plan.source, plan.workload
     con.print(f"[bold]model[/]    {src.described}: {src.task}, {human_count(plan.estimates[0].base_total or 0)} "
               f"parameters, {plan.settings.dtype}")  # fmt: skip
@@ -138,7 +139,7 @@ def render(plan: Plan, console=None) -> None:
     if measured:
         cols += ["measured peak", "err", "tok/s est.", "tok/s meas.", "err"]
     for c in cols:
-        t.add_column(c, justify="left" if c == "method" else "right")
+        t.add_column(c, justify="left" if c == "method" else "right", no_wrap=c == "method")
     chosen = plan.recommendation.choice
     for e in plan.estimates:
         label = ("* " if e.key == chosen else "  ") + e.candidate.label

@@ -113,9 +113,6 @@ def _per_task_peft(s: Situation):
                           f"per update, not {_gb(s.storage['full'])}"))  # fmt: skip
     if "small-storage" in s.needs:
         why.append(Reason(MAINTAINABILITY, f"small storage: {_gb(s.storage[pick])} per task"))
-    if "low-latency" in s.needs and pick.startswith("lora"):
-        why.append(Reason(APPLICATION, "low latency: LoRA folds into the weights (`sftlab merge`), so a deployed "
-                          "task costs nothing extra per token"))  # fmt: skip
     return pick, why
 
 
@@ -228,5 +225,15 @@ def decide(s: Situation) -> Recommendation:
         how = "" if s.fits.get(rec.choice) else " with activation checkpointing"
         rec.reasons.append(Reason(COMPUTE, f"it fits the device's memory{how}"
                                   + (" and the time budget" if rec.choice in s.within_time else "")))  # fmt: skip
+    if "low-latency" in s.needs and rec.choice and not any(r.factor == APPLICATION for r in rec.reasons):
+        rec.reasons.append(_latency_reason(rec.choice))
     rec.advice = [make(s, rec.choice) for when, make in ADVICE if when(s, rec.choice)]
     return rec
+
+
+def _latency_reason(choice: str) -> Reason:
+    if choice.startswith(("lora", "dora")) or choice in ("full", "freeze"):
+        return Reason(APPLICATION, "low latency: it runs at the base model's cost per token (LoRA/DoRA after "
+                      "`sftlab merge` folds it into the weights)")  # fmt: skip
+    return Reason(APPLICATION, "low latency: this method adds work to every token (see the inference column); "
+                  "LoRA, which merges, costs none")  # fmt: skip

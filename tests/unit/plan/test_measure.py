@@ -8,7 +8,7 @@ parts the estimate names are most of the peak.
 
 from __future__ import annotations
 
-import json
+from pathlib import Path
 
 import pytest
 
@@ -16,18 +16,13 @@ from sftlab.plan import PlanInputs, make_plan
 from sftlab.plan import measure as measuring
 from sftlab.plan.planner import worker_spec
 
-LLAMA_21M = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 512, "intermediate_size": 1376,
-    "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4, "vocab_size": 8192,
-    "max_position_embeddings": 2048, "tie_word_embeddings": False, "rms_norm_eps": 1e-5, "hidden_act": "silu",
-}  # fmt: skip
+# A 20M-parameter Llama (hidden 512, 4 blocks, vocab 8192), the README's --measure example.
+LLAMA_21M = Path(__file__).resolve().parents[3] / "examples" / "plan" / "llama-21m" / "config.json"
 
 
 @pytest.fixture
-def plan21m(tmp_path):
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps(LLAMA_21M))
-    inp = PlanInputs(model=str(path), examples=64, seq_len=128, batch_size=4, device="cpu:16GB",
+def plan21m():
+    inp = PlanInputs(model=str(LLAMA_21M), examples=64, seq_len=128, batch_size=4, device="cpu:16GB",
                      throughput_tflops=0.05)  # fmt: skip
     return make_plan(inp, log=lambda *_: None)
 

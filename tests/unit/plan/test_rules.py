@@ -60,6 +60,10 @@ CASES = [
     ("low latency -> mergeable LoRA", situation(needs=["low-latency"]), {"lora-r16"}, APPLICATION),
     ("10B+ model, small data -> prompt tuning", situation(params=70e9), {"prompt"}, DATA),
     ("small data on a small model -> PEFT", situation(params=1e8, tokens=1e6), {"lora-r16"}, DATA),
+    ("low latency with large instruction data: still a mergeable LoRA, and it says why",
+     situation(tokens=1e10, params=1e9, needs=["low-latency"]), {"lora-r64"}, APPLICATION),
+    ("low latency with many tasks: per-task LoRA, merge cost named", situation(tasks=3, needs=["low-latency"]),
+     {"lora-r16"}, APPLICATION),
     ("time budget: only the faster methods count",
      situation(tokens=1e10, params=1e9, text=True, within={"lora-r16", "lora-r8"}), {"lora-r16"}, COMPUTE),
 ]  # fmt: skip
