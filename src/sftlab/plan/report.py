@@ -30,6 +30,8 @@ def human_count(x: float) -> str:
 def human_time(s: float | None) -> str:
     if s is None:
         return "-"
+    if s < 1:
+        return "<1 s"
     if s < 90:
         return f"{s:.0f} s"
     if s < 5400:

@@ -133,7 +133,7 @@ def _tight_memory(s: Situation):
         return None
     return pick, [
         Reason(COMPUTE, "full fine-tuning does not fit the device's memory (weights, gradients and two AdamW "
-               "moments for every parameter); a frozen base with LoRA keeps optimizer state for a few million"),
+               "moments for every parameter); a frozen base with LoRA keeps them for its small trainable part only"),
     ]  # fmt: skip
 
 
