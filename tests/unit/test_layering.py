@@ -20,7 +20,7 @@ LAYERS = [
     ["sftlab.runs", "sftlab.rundir", "sftlab.merged"],  # run directories: save final/, load or merge a run, who owns one
     ["sftlab.eval", "sftlab.recipe"],  # evaluation of a model; the train recipe
     ["sftlab.selftrain"],  # self-training rounds (teacher -> pseudo-labels -> student), each a run of the recipe
-    ["sftlab.quickstart", "sftlab.pipeline", "sftlab.plan"],  # quickstart; stages of runs; the strategy planner
+    ["sftlab.quickstart", "sftlab.pipeline", "sftlab.plan"],  # quickstart; stages of runs; the planner
     ["sftlab.cli"],  # commands
 ]
 
