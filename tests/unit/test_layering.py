@@ -17,9 +17,15 @@ LAYERS = [
     ["sftlab.config"],  # the run config (knows the methods' configs)
     ["sftlab.train", "sftlab.generate", "sftlab.demo_model"],  # the loop; building the demo model
     ["sftlab.hub"],  # user-facing model names (aliases) -> models
-    ["sftlab.runs", "sftlab.rundir", "sftlab.merged"],  # run directories: save final/, load or merge a run, who owns one
+    [
+        "sftlab.runs",
+        "sftlab.rundir",
+        "sftlab.merged",
+    ],  # run directories: save final/, load or merge a run, who owns one
     ["sftlab.eval", "sftlab.recipe"],  # evaluation of a model; the train recipe
-    ["sftlab.selftrain"],  # self-training rounds (teacher -> pseudo-labels -> student), each a run of the recipe
+    [
+        "sftlab.selftrain"
+    ],  # self-training rounds (teacher -> pseudo-labels -> student), each a run of the recipe
     ["sftlab.quickstart", "sftlab.pipeline", "sftlab.plan"],  # quickstart; stages of runs; the planner
     ["sftlab.cli"],  # commands
 ]

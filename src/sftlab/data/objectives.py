@@ -25,7 +25,10 @@ import numpy as np
 
 from .batching import IGNORE
 
-TRAIN, EVAL = 0, 1  # rng streams: training re-draws per epoch; the eval set is corrupted once, on its own stream
+TRAIN, EVAL = (
+    0,
+    1,
+)  # rng streams: training re-draws per epoch; the eval set is corrupted once, on its own stream
 _SALT = 0x5E1F  # keeps these draws apart from the data order's (batching._rng)
 
 

@@ -166,7 +166,7 @@ def test_a_frozen_linear_keeps_no_input_for_backward():
     for trains in (True, False):
         lin.weight.requires_grad_(trains)
         kept: list[torch.Tensor] = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, kept=kept: kept.append(t) or t, lambda t: t):
             with gemm.enabled(True), gemm.linears(torch.nn.Sequential(lin)):
                 y = lin(x)
         assert any(t.data_ptr() == x.data_ptr() for t in kept) is trains

@@ -341,7 +341,10 @@ def test_sftlab_train_runs_a_mixture_end_to_end(tmp_path, capsys):
     assert main(["eval", str(run)]) == 0  # every task on its own eval data: a table, then JSON
     out = capsys.readouterr().out
     rows = json.loads(out[out.index("{") :])["tasks"]
-    assert [(r["task"], r["examples"]) for r in rows] == [("a", 16), ("more", 2)]  # a: no eval set, its train file
+    assert [(r["task"], r["examples"]) for r in rows] == [
+        ("a", 16),
+        ("more", 2),
+    ]  # a: no eval set, its train file
     assert main(["eval", str(run), "--task", "more"]) == 0
     assert json.loads(capsys.readouterr().out)["eval_loss"] == pytest.approx(rows[1]["eval_loss"])
     assert main(["eval", str(run), "--data", str(tmp_path / "more.jsonl")]) == 0
