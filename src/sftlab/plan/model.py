@@ -73,11 +73,16 @@ class ModelSource:
     has_weights: bool
 
 
-def _config_from(path: str, trust_remote_code: bool, **kw) -> Any:
+def _config_from(path: str, trust_remote_code: bool, name: str | None = None, **kw) -> Any:
+    """AutoConfig of `path`; errors name `name` (what the user wrote: a .gguf file rather than its folder)."""
     from transformers import AutoConfig
 
-    with named_source(path):
-        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **kw)
+    with named_source(name or path):
+        try:
+            return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **kw)
+        except ValueError as e:  # an unknown model_type, custom code without --trust-remote-code
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(f"--model {path!r}: transformers cannot read this config: {first}") from e
 
 
 def _has_tokenizer(d: Path) -> bool:
@@ -127,7 +132,7 @@ def resolve(
         tok = str(p.parent) if _has_tokenizer(p.parent) else None
         return ModelSource(name, cfg, task or guess_task(cfg), tok, f"{p} (config only, no weights)", False)
     if p.is_file() and p.suffix.lower() == ".gguf":
-        cfg = _config_from(str(p.parent), trust_remote_code, gguf_file=p.name)
+        cfg = _config_from(str(p.parent), trust_remote_code, name, gguf_file=p.name)
         return ModelSource(name, cfg, task or guess_task(cfg), name, f"{p} (GGUF metadata)", True)
     if p.is_dir():
         if not (p / "config.json").is_file():

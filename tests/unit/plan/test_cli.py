@@ -116,6 +116,17 @@ def test_bad_input_is_one_error_line(args, message, capsys):
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
 
 
+def test_an_unreadable_config_is_one_error_line(tmp_path, capsys):
+    bad = tmp_path / "config.json"
+    bad.write_text(json.dumps({"model_type": "no-such-architecture", "hidden_size": 8}))
+    assert main(["plan", "--model", str(bad), "--examples", "4", "--seq-len", "8", "--throughput", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(bad) in err[0] and "cannot read this config" in err[0], err
+    bad.write_text("{not json")
+    assert main(["plan", "--model", str(bad), "--examples", "4", "--seq-len", "8", "--throughput", "1"]) == 2
+    assert str(bad) in capsys.readouterr().err
+
+
 def test_counting_data_needs_the_tokenizer(llama7b, tmp_path, capsys):
     data = write_jsonl(tmp_path / "train.jsonl", alpaca_rows(4))
     assert main(["plan", "--model", str(llama7b), "--data", str(data), "--throughput", "1"]) == 2
@@ -131,3 +142,21 @@ def test_the_table_prints_every_candidate_and_the_reasons(capsys):
                   "prompt (16)", "4-bit + LoRA r=16"):  # fmt: skip
         assert label in out
     assert "recommendation: LoRA r=16" in out and "application (3): low latency" in out
+
+
+def test_a_gguf_file_is_planned_from_its_metadata(tmp_path, capsys):
+    pytest.importorskip("gguf")
+    from fixtures.gguf_writer import write_llama_gguf
+    from transformers import LlamaForCausalLM
+
+    from sftlab.models import tiny_config
+
+    tok = byte_tokenizer()
+    model = LlamaForCausalLM(tiny_config("tiny-llama", len(tok), "causal-lm")).eval()
+    path = write_llama_gguf(model, tok, tmp_path / "tiny.gguf")
+    out = plan_json(
+        capsys, "--model", str(path), "--examples", "10", "--seq-len", "16", "--throughput", "0.01"
+    )
+    full = next(r for r in out["candidates"] if r["key"] == "full")
+    assert "GGUF metadata" in out["model"]["source"]
+    assert full["total_params"] == sum(p.numel() for p in model.parameters())
