@@ -45,3 +45,22 @@ def test_a_failing_worker_is_an_error_line_not_a_crash(plan21m):
     spec["config_path"] = "/nonexistent/config.json"
     got = measuring.run(spec, timeout=120)
     assert got.peak_rss_delta is None and got.error
+
+
+@pytest.mark.slow
+def test_cli_measure_runs_every_candidate(capsys):
+    import json
+
+    from sftlab.cli.main import main
+
+    assert main(["plan", "--model", "tiny-llama", "--examples", "16", "--seq-len", "32", "--throughput", "0.01",
+                 "--measure", "--measure-steps", "2", "--threads", "1", "--json"]) == 0  # fmt: skip
+    out = json.loads(capsys.readouterr().out)
+    for row in out["candidates"]:
+        if row["available"]:
+            got = row["measured"]
+            assert got["error"] is None and got["peak_rss_delta"] > 0 and got["tokens_per_s"] > 0, row["key"]
+            assert got["peak_error"] is not None
+        else:
+            assert "measured" not in row
+    assert "1 thread," in out["measured_on"]
