@@ -118,7 +118,7 @@ def method_config(cand: Candidate):
     return get_method(cand.method["name"]).config(**cand.method)
 
 
-def largest_pass(w: Workload, s: Settings, task: str, cand: Candidate) -> tuple[int, int]:
+def largest_pass(w: Workload, s: Settings, cand: Candidate) -> tuple[int, int]:
     """(examples, tokens per example) of a step's largest pass: a batch of the longest examples, cut by
     micro_batch_tokens into as few, as even passes as sftlab's `balanced_parts` makes."""
     length = w.max_tokens
@@ -139,7 +139,7 @@ def passes_per_step(w: Workload, s: Settings) -> int:
 
 
 def _pass(w: Workload, s: Settings, task: str, cand: Candidate) -> Pass:
-    rows, length = largest_pass(w, s, task, cand)
+    rows, length = largest_pass(w, s, cand)
     if task == "seq2seq":
         return Pass(rows * w.target_max, w.target_max, 1.0, rows * length, length, cand.prefix_tokens)
     return Pass(
