@@ -11,7 +11,18 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
 
-SUBCOMMANDS = ["train", "eval", "generate", "merge", "convert", "quickstart", "pipeline", "plan", "selftrain"]
+SUBCOMMANDS = [
+    "train",
+    "eval",
+    "generate",
+    "merge",
+    "convert",
+    "quickstart",
+    "pipeline",
+    "plan",
+    "selftrain",
+    "compare",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
