@@ -1,0 +1,62 @@
+"""`sftlab plan`'s estimates against measured steps, per method: peak memory and tokens/s.
+
+Runs `sftlab plan --measure --json` (each candidate's steps in its own process: `plan/measure.py`) on the
+20M-parameter Llama of examples/plan/llama-21m/config.json (the B1 workload's shape, scaled down: random weights
+built from the config) and prints a markdown table: estimate, measured, error = (estimate - measured) / measured.
+Targets from issue 19: memory within 15%, throughput within 30%. Run under the bench lock:
+`flock /tmp/sftlab-bench.lock python -m benchmarks.plan_accuracy`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _mb(n: float | None) -> str:
+    return f"{n / 1e6:,.0f} MB" if n else "-"
+
+
+def _pct(x: float | None) -> str:
+    return f"{x:+.0%}" if x is not None else "-"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", default=str(ROOT / "examples" / "plan" / "llama-21m" / "config.json"))
+    p.add_argument("--examples", default="2000")
+    p.add_argument("--seq-len", default="128")
+    p.add_argument("--batch-size", default="8")
+    p.add_argument("--steps", default="4")
+    p.add_argument("--threads", default="1")
+    args = p.parse_args()
+    cmd = [sys.executable, "-m", "sftlab.cli.main", "plan", "--model", args.model, "--examples", args.examples,
+           "--seq-len", args.seq_len, "--batch-size", args.batch_size, "--device", "cpu", "--measure",
+           "--measure-steps", args.steps, "--threads", args.threads, "--json"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    plan = json.loads(out[out.index("{") :])
+    print(f"{plan['model']['source']}; {plan['workload']['described']}; measured on {plan['measured_on']}\n")
+    print("| method | peak est. | measured | err | tok/s est. | measured | err |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    within_mem = within_tps = n = 0
+    for c in plan["candidates"]:
+        got = c.get("measured")
+        if not got or got.get("peak_rss_delta") is None:
+            continue
+        n += 1
+        pe, te = got["peak_error"], got["tokens_per_s_error"]
+        within_mem += pe is not None and abs(pe) <= 0.15
+        within_tps += te is not None and abs(te) <= 0.30
+        est_tps = c.get("est_tokens_per_s")
+        print(f"| {c['label']} | {_mb(c['memory']['peak'])} | {_mb(got['peak_rss_delta'])} | {_pct(pe)} | "
+              f"{est_tps:,.0f} | {got['tokens_per_s']:,.0f} | {_pct(te)} |")  # fmt: skip
+    print(f"\nmemory within 15%: {within_mem}/{n}; tokens/s within 30%: {within_tps}/{n}")
+
+
+if __name__ == "__main__":
+    main()
