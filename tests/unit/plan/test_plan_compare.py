@@ -116,3 +116,11 @@ def test_compare_needs_held_out_data(tmp_path):
     cfg = make_config(tmp_path, "tiny-bert", "seq-cls", n=8)
     with pytest.raises(ConfigError, match="data.eval"):
         cmp.compare(cfg, ["lora"], 2, tmp_path / "c", log=lambda *_: None)
+
+
+def test_cli_budget_error_is_one_line(tmp_path, capsys):
+    from sftlab.cli.main import main
+
+    assert main(["compare", str(tmp_path / "c.yaml"), "--budget", "10m"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --budget: '10m' is a time")
