@@ -22,6 +22,10 @@ Heavy: take the benchmark lock so two benchmarks never share the cores:
 
   flock /tmp/sftlab-bench.lock .venv/bin/python -m benchmarks.semi_supervised
   flock /tmp/sftlab-bench.lock .venv/bin/python -m benchmarks.semi_supervised --seeds 0 --pool 1000   # a quick look
+
+A rerun with the same --work keeps every finished run (self-training reruns continue) and prints the table again. The
+pool file keeps its labels, which the benchmark (never sftlab) reads after the fact to report each round's
+pseudo-label precision: the share of kept pseudo-labels that are right.
 """
 
 from __future__ import annotations
@@ -108,6 +112,19 @@ def accuracies(st_dir: Path) -> tuple[float, list[float], list[int]]:
     return teacher, [r["student"]["result"]["eval_accuracy"] for r in rounds], [r["kept"] for r in rounds]
 
 
+def pseudo_precision(st_dir: Path, pool_file: str) -> list[float]:
+    """Each round's share of kept pseudo-labels that match the pool's true label. The benchmark reads the pool's
+    labels here, after the fact, to score the pseudo-labels; self-training never reads them."""
+    truth = [str(json.loads(line)["label"]) for line in Path(pool_file).read_text().splitlines()]
+    out = []
+    for rd in sorted(st_dir.glob("round-*"), key=lambda p: int(p.name.split("-")[1])):
+        rows = [json.loads(line) for line in (rd / "pseudo.jsonl").read_text().splitlines()]
+        out.append(
+            sum(truth[r["pool_index"]] == r["label"] for r in rows) / len(rows) if rows else float("nan")
+        )
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", default="0,1,2")
@@ -128,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=400, help="pseudo-labels kept per class at most")
     p.add_argument("--pseudo-weight", type=float, default=1.0)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--starts", default="base,mlm", help="base: from MiniLM; mlm: from the masked-LM model")
     p.add_argument("--work", default=str(ROOT / "runs" / "bench-semi-supervised"))
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results.jsonl"))
     args = p.parse_args(argv)
@@ -142,19 +160,24 @@ def main(argv: list[str] | None = None) -> int:
     mlm = {"model": {"name": model}, "data": {"train": files["pool_text"], "max_length": 64},
            "train": {"objective": "mlm", "max_steps": args.mlm_steps, "batch_size": 8, "lr": 5e-5, "warmup_steps": 10,
                      "save_every": 50, "seed": 0, "progress": False, "output_dir": str(work / "mlm")}}  # fmt: skip
-    print("masked-LM stage (seed 0, shared by every seed)", flush=True)
-    (work / "mlm.yaml").write_text(yaml.safe_dump(mlm, sort_keys=False))
-    if not (work / "mlm" / "final").is_dir():
-        run(["train", str(work / "mlm.yaml"), "--resume-or-start"], work / "mlm.log")
-    mlm_loss = json.loads((work / "mlm" / "summary.json").read_text()).get("train_loss")
+    starts = {"base": (model, "labelled-only", "self-train"),
+              "mlm": (str(work / "mlm" / "final"), "mlm->sft", "mlm->self-train")}  # fmt: skip
+    starts = {k: v for k, v in starts.items() if k in args.starts.split(",")}
+    mlm_loss = float("nan")
+    if "mlm" in starts:
+        print("masked-LM stage (seed 0, shared by every seed)", flush=True)
+        (work / "mlm.yaml").write_text(yaml.safe_dump(mlm, sort_keys=False))
+        if not (work / "mlm" / "final").is_dir():
+            run(["train", str(work / "mlm.yaml"), "--resume-or-start"], work / "mlm.log")
+        mlm_loss = json.loads((work / "mlm" / "summary.json").read_text()).get("train_loss")
 
     results: dict[str, list[float]] = {s: [] for s in SETUPS}
     per_round: dict[str, list[list[float]]] = {"self-train": [], "mlm->self-train": []}
     kept: dict[str, list[list[int]]] = {"self-train": [], "mlm->self-train": []}
+    precision: dict[str, list[list[float]]] = {"self-train": [], "mlm->self-train": []}
     for seed in seeds:
         print(f"seed {seed}", flush=True)
-        for start, (sft, st) in {model: ("labelled-only", "self-train"),
-                                 str(work / "mlm" / "final"): ("mlm->sft", "mlm->self-train")}.items():  # fmt: skip
+        for start, sft, st in starts.values():
             name = st.replace("->", "-")
             cfg = sft_config(start, files, seed, args)
             cfg["train"]["output_dir"] = str(work / f"seed{seed}" / name)
@@ -166,33 +189,36 @@ def main(argv: list[str] | None = None) -> int:
             results[st].append(students[-1])
             per_round[st].append(students)
             kept[st].append(n)
+            precision[st].append(pseudo_precision(work / f"seed{seed}" / name, files["pool"]))
     wall = time.perf_counter() - t_start
 
     stamp = time.strftime("%Y-%m-%d %H:%M")
     settings = {k: getattr(args, k) for k in ("labelled", "pool", "dev", "teacher_steps", "student_steps",
                                               "mlm_steps", "rounds", "threshold", "top_k", "pseudo_weight", "lr")}  # fmt: skip
     with open(args.results, "a") as f:
-        for s in SETUPS:
+        for s in (s for s in SETUPS if results[s]):
             row = {"bench": "semi_supervised", "when": stamp, "setup": s, "seeds": seeds, "dev_acc": results[s],
                    **settings}  # fmt: skip
             if s in per_round:
-                row["per_round"], row["kept"] = per_round[s], kept[s]
+                row["per_round"], row["kept"], row["pseudo_precision"] = per_round[s], kept[s], precision[s]
             f.write(json.dumps(row) + "\n")
     print(f"\nMiniLM-L6, SST-2: {args.labelled} labelled rows, {args.pool} unlabelled, dev {args.dev}; seeds {seeds}; "
           f"MLM final train loss {mlm_loss:.3f}; {wall / 60:.1f} min")  # fmt: skip
-    print(
-        "| setup | dev accuracy (mean ± sd) | per seed | per round (mean) | pseudo-labels kept per round (mean) |"
-    )
-    print("|---|---|---|---|---|")
+    print("| setup | dev accuracy (mean ± sd) | per seed | per round (mean) | pseudo-labels kept per round (mean) "
+          "| pseudo-label precision per round (mean) |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
     for s in SETUPS:
         accs = results[s]
+        if not accs:
+            continue
         sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        rounds = kept_cell = "-"
+        rounds = kept_cell = prec = "-"
         if s in per_round:
             rounds = " → ".join(f"{statistics.mean(x):.3f}" for x in zip(*per_round[s]))
             kept_cell = " → ".join(f"{statistics.mean(x):.0f}" for x in zip(*kept[s]))
+            prec = " → ".join(f"{statistics.mean(x):.3f}" for x in zip(*precision[s]))
         each = ", ".join(f"{a:.3f}" for a in accs)
-        print(f"| {s} | {statistics.mean(accs):.3f} ± {sd:.3f} | {each} | {rounds} | {kept_cell} |")
+        print(f"| {s} | {statistics.mean(accs):.3f} ± {sd:.3f} | {each} | {rounds} | {kept_cell} | {prec} |")
     return 0
 
 
