@@ -98,21 +98,24 @@ def _dir_bytes(path: Path) -> int:
 
 
 @torch.no_grad()
-def _latency(model: torch.nn.Module, task: str, batches: list[dict], repeats: int = 2) -> float:
-    """Seconds per example of a forward over `batches` (median of `repeats` timed passes after one warm-up)."""
+def _latency(model: torch.nn.Module, base: torch.nn.Module, task: str, batches: list[dict], rounds: int = 3):
+    """(model, base) seconds per example of a forward over `batches`: the two timed alternately, `rounds` times
+    each after a warm-up, medians, so a machine whose load drifts (shared cores) slows both alike."""
     from ..train.objective import Objective
 
-    obj = Objective(model, task)
-    obj.eval()
+    objs = [Objective(model, task), Objective(base, task)]
     n = sum(int(b["input_ids"].shape[0]) for b in batches)
-    obj(batches[0])
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for b in batches:
-            obj(b)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) / n
+    times: list[list[float]] = [[], []]
+    for o in objs:
+        o.eval()
+        o(batches[0])
+    for _ in range(rounds):
+        for o, ts in zip(objs, times):
+            t = time.perf_counter()
+            for b in batches:
+                o(b)
+            ts.append(time.perf_counter() - t)
+    return statistics.median(times[0]) / n, statistics.median(times[1]) / n
 
 
 def _eval_batches(cfg: RunConfig, tokenizer, n_batches: int) -> tuple[list[dict], list[str] | None]:
@@ -170,18 +173,19 @@ def compare(
     tokenizer = load_tokenizer(cfg)
     batches, labels = _eval_batches(cfg, tokenizer, latency_batches)
     base = load_base(cfg, tokenizer, labels)
-    base_s = _latency(base, cfg.model.task, batches)
-    del base
+    base_times = []
     for r in rows:
         model, _, rcfg = load_run(r["run_dir"], trust_remote_code=cfg.model.trust_remote_code)
         spec = get_method(rcfg.method.name)
         r["merged"] = spec.merge is not None and rcfg.method.name != "full"
         if r["merged"]:
             model = spec.merge(model)
-        s = _latency(model, cfg.model.task, batches)
+        s, base_s = _latency(model, base, cfg.model.task, batches)
+        base_times.append(base_s)
         r["latency_ms_per_example"] = 1000 * s
         r["latency_ratio"] = s / base_s
         del model
+    base_s = statistics.median(base_times)
     result = {
         "model": cfg.model.name,
         "task": cfg.model.task,
