@@ -4,6 +4,7 @@ batches and a few-step training loop (method tests)."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import random
 from functools import cache
@@ -24,6 +25,15 @@ WORDS = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "fish", "b
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def file_tree(root: Path) -> dict[str, str]:
+    """Every file under root with its content hash: a run directory compared byte for byte before and after."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def alpaca_rows(n: int, seed: int = 0) -> list[dict]:

@@ -7,7 +7,6 @@ final/sftlab.json, adapter_config.json or metrics.jsonl."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_config
+from helpers import file_tree, make_config
 
 from sftlab.cli.main import main
 from sftlab.errors import ModelError, RunDirError
@@ -25,14 +24,6 @@ from sftlab.models import build_tiny, position_limit
 from sftlab.recipe import train
 
 QUIET = dict(log=lambda *_: None)
-
-
-def _tree(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
 
 
 # -- (a) lengths beyond the model's positions --------------------------------------------------------------
@@ -282,12 +273,12 @@ def test_damaged_final_files_are_named(tmp_path, runs, capsys, command, which, n
     run = tmp_path / "run"
     shutil.copytree(runs[which], run)
     damage(run / "final" / name)
-    before = _tree(run)
+    before = file_tree(run)
     rc = main(COMMANDS[command](run, tmp_path))
     err = capsys.readouterr().err
     assert rc == 2, err
     assert f"error: {run / 'final' / name}" in err and message in err
-    assert _tree(run) == before and not (tmp_path / "merged").exists()
+    assert file_tree(run) == before and not (tmp_path / "merged").exists()
 
 
 def test_label_names_of_the_wrong_type_are_named(tmp_path, runs):

@@ -6,7 +6,6 @@ Example counts are kept small so the fast tier stays fast; HYPOTHESIS_PROFILE=de
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import string
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import alpaca_rows, classification_rows, make_config, messages_rows, seq2seq_rows
+from helpers import alpaca_rows, classification_rows, file_tree, make_config, messages_rows, seq2seq_rows
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -218,14 +217,6 @@ def test_any_yaml_text_loads_or_gives_a_config_error(tmp_path_factory, text):
 # -- failed commands leave an existing run as it was -----------------------------------------------------------
 
 
-def _tree(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
-
-
 @pytest.fixture(scope="module")
 def good_run(tmp_path_factory):
     from sftlab.config import save_config
@@ -298,7 +289,7 @@ def failing_commands(draw, tmp: Path, run: Path):
 @given(data=st.data())
 def test_a_failed_command_leaves_the_run_byte_identical(good_run, data, capsys):
     tmp, run = good_run
-    before = _tree(run)
+    before = file_tree(run)
     argv = data.draw(failing_commands(tmp, run))
     try:
         rc = main(argv)
@@ -309,4 +300,4 @@ def test_a_failed_command_leaves_the_run_byte_identical(good_run, data, capsys):
     if fuzzed_data and rc == 0:
         return  # the mutated file happened to be valid data: the run was legitimately replaced or continued
     assert rc != 0, f"{argv} should have failed"
-    assert _tree(run) == before, f"{argv} changed the run directory"
+    assert file_tree(run) == before, f"{argv} changed the run directory"

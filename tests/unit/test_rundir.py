@@ -1,12 +1,11 @@
 """A run directory is replaced only by a run that started, never one sftlab did not write, and a failed resume
 leaves it as it was; `sftlab merge` never overwrites a model or reports one it did not write."""
 
-import hashlib
 import json
 from pathlib import Path
 
 import pytest
-from helpers import make_config
+from helpers import file_tree, make_config
 
 from sftlab.cli.main import main
 from sftlab.recipe import train
@@ -14,15 +13,6 @@ from sftlab.rundir import ASIDE, MANIFEST
 from sftlab.train.loop import Trainer
 
 QUIET = dict(log=lambda *_: None)
-
-
-def _tree(root: Path) -> dict[str, str]:
-    """Every file under root with its content hash."""
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
 
 
 def _good_run(tmp_path: Path, **train_kw):
@@ -42,18 +32,18 @@ def _bad_data(tmp_path: Path) -> str:
 
 def test_overwrite_with_malformed_data_keeps_the_old_run(tmp_path):
     cfg, run = _good_run(tmp_path)
-    before = _tree(run)
+    before = file_tree(run)
     assert "final/model.safetensors" in before and any(k.startswith("checkpoints/step-") for k in before)
     new = cfg.model_copy(deep=True)
     new.data.train = _bad_data(tmp_path)
     with pytest.raises(ValueError, match="bad.jsonl:2"):
         train(new, overwrite=True, **QUIET)
-    assert _tree(run) == before
+    assert file_tree(run) == before
 
 
 def test_overwrite_that_fails_before_its_first_checkpoint_restores_the_old_run(tmp_path, monkeypatch):
     cfg, run = _good_run(tmp_path)
-    before = _tree(run)
+    before = file_tree(run)
 
     def crash(self):
         raise RuntimeError("out of memory")
@@ -61,7 +51,7 @@ def test_overwrite_that_fails_before_its_first_checkpoint_restores_the_old_run(t
     monkeypatch.setattr(Trainer, "step", crash)
     with pytest.raises(RuntimeError, match="out of memory"):
         train(cfg, overwrite=True, **QUIET)
-    assert _tree(run) == before
+    assert file_tree(run) == before
     assert not (run / ASIDE).exists()
 
 
@@ -84,10 +74,10 @@ def test_overwrite_refuses_a_directory_sftlab_did_not_write(tmp_path):
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "mine.bin").write_bytes(b"precious")
     (run / "config.yaml").write_text("experiment: theirs\n")
-    before = _tree(run)
+    before = file_tree(run)
     with pytest.raises(FileExistsError, match=rf"{run} is not an sftlab run .*config.yaml, checkpoints"):
         train(cfg, overwrite=True, **QUIET)
-    assert _tree(run) == before
+    assert file_tree(run) == before
 
 
 def test_training_into_a_foreign_config_yaml_refuses_and_leaves_it(tmp_path):
@@ -114,7 +104,7 @@ def test_a_run_from_before_the_manifest_can_still_be_overwritten(tmp_path):
 @pytest.mark.parametrize("change", ["method", "data"])
 def test_failed_resume_leaves_config_yaml_byte_identical(tmp_path, change):
     cfg, run = _good_run(tmp_path)
-    before = _tree(run)
+    before = file_tree(run)
     new = cfg.model_copy(deep=True)
     new.train.max_steps = 4
     if change == "method":
@@ -125,7 +115,7 @@ def test_failed_resume_leaves_config_yaml_byte_identical(tmp_path, change):
         match = "bad.jsonl:2"
     with pytest.raises(ValueError, match=match):
         train(new, resume=True, **QUIET)
-    assert _tree(run) == before
+    assert file_tree(run) == before
 
 
 # -- 4. sftlab merge -----------------------------------------------------------------------------------------

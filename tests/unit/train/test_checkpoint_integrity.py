@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_config
+from helpers import file_tree, make_config
 from safetensors.torch import load_file, save_file
 
 from sftlab.cli.main import main
@@ -33,14 +33,6 @@ TRAIN = {"max_steps": 6, "save_every": 2, "keep_last": 3, "schedule": "cosine", 
 
 def _quiet(lines: list[str]):
     return lambda msg: lines.append(str(msg))
-
-
-def _tree(root: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
 
 
 @pytest.fixture(scope="module")
@@ -184,20 +176,20 @@ def test_no_checkpoint_that_verifies_is_one_error_naming_the_files(stopped_run, 
     cfg, run = _copy(stopped_run, tmp_path)
     _flip_weight_bytes(run / "checkpoints" / "step-4")
     _break_state_json(run / "checkpoints" / "step-2")
-    before = _tree(run)
+    before = file_tree(run)
     with pytest.raises(CheckpointError) as e:
         train(cfg, resume=True, log=_quiet([]))
     msg = str(e.value)
     assert str(run / "checkpoints" / "step-4" / WEIGHTS_FILE) in msg
     assert str(run / "checkpoints" / "step-2" / STATE_FILE) in msg
-    assert _tree(run) == before  # nothing rewritten, not even config.yaml
+    assert file_tree(run) == before  # nothing rewritten, not even config.yaml
 
     overrides = [f"train.output_dir={run}", "train.progress=false"]
     (tmp_path / "cfg.yaml").write_text((run / "config.yaml").read_text())
     assert main(["train", str(tmp_path / "cfg.yaml"), *overrides, "--resume"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no checkpoint in") and "Traceback" not in err
-    assert _tree(run) == before
+    assert file_tree(run) == before
 
 
 def test_a_checkpoint_from_before_checksums_resumes_with_a_note(stopped_run, reference, tmp_path):
