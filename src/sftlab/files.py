@@ -1,4 +1,5 @@
-"""Checked reads of the files sftlab writes into run directories (safetensors, JSON, JSON lines).
+"""Checked reads of the files sftlab writes into run directories (safetensors, JSON, JSON lines), and the atomic
+JSON write and status record that pipelines and self-training keep.
 
 A truncated or garbled file (a full disk, a copy cut short, a hand edit) is an error naming the file and what is
 wrong with it, never a path-less traceback from safetensors or json. The error type is the caller's: RunDirError
@@ -9,6 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +103,27 @@ def weights_digest(model_dir: str | Path) -> str:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Beside and renamed: the file is either absent or whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)
+
+
+@contextmanager
+def recorded(record: dict, write: Callable[[dict], None]) -> Iterator[dict]:
+    """A multi-run job's record: its `status` becomes 'interrupted' (Ctrl-C) or 'failed' when the body stops early,
+    and the record is written whatever happens, so a rerun knows where the job stood."""
+    try:
+        yield record
+    except KeyboardInterrupt:
+        record["status"] = "interrupted"
+        raise
+    except BaseException:
+        record["status"] = "failed"
+        raise
+    finally:
+        write(record)

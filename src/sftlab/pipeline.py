@@ -52,7 +52,7 @@ from .config import (
     require_remote_code_flag,
 )
 from .errors import ConfigError, DataError
-from .files import weights_digest
+from .files import recorded, weights_digest, write_json
 from .merged import merge_run, mergeable
 from .methods import get_method
 from .recipe import train
@@ -242,10 +242,7 @@ def _read_record(root: Path) -> dict:
 
 
 def _write_record(root: Path, record: dict) -> None:
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{PIPELINE_FILE}.tmp"
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, root / PIPELINE_FILE)
+    write_json(root / PIPELINE_FILE, record)
 
 
 def _stage_row(stage: Stage, old: dict | None) -> dict:
@@ -312,16 +309,8 @@ def run_pipeline(pipe: Pipeline, log=print) -> dict:
     for stage in pipe.stages:
         _check_run_dir(stage)
     _write_record(pipe.output_dir, record)
-    try:
+    with recorded(record, lambda r: _write_record(pipe.output_dir, r)):
         record["status"] = _run_stages(pipe, rows, record, log)
-    except KeyboardInterrupt:
-        record["status"] = "interrupted"
-        raise
-    except BaseException:
-        record["status"] = "failed"
-        raise
-    finally:
-        _write_record(pipe.output_dir, record)
     return record
 
 

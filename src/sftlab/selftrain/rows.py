@@ -20,6 +20,7 @@ from typing import Any
 from ..config import DataConfig
 from ..data import RawRecord, read_records, split_eval
 from ..errors import ConfigError, DataError
+from ..files import write_json  # noqa: F401  (re-exported: selftrain's writers live here)
 
 # Per data.format: the fields of an input (what the teacher sees), and of a whole labelled record.
 PROMPT_FIELDS = {
@@ -114,11 +115,4 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp"
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp"
-    tmp.write_text(json.dumps(value, indent=2))
     os.replace(tmp, path)

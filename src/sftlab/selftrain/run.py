@@ -35,7 +35,7 @@ from ..data.encode import check_task_format
 from ..data.formats import parse_record
 from ..errors import ConfigError, DataError, RunDirError
 from ..eval.evaluate import evaluate
-from ..files import read_json_object, weights_digest
+from ..files import read_json_object, recorded, weights_digest
 from ..recipe import train
 from ..rundir import config_changes, describe_changes
 from ..runs import load_run
@@ -354,16 +354,8 @@ def run_self_train(job: SelfTraining, log=print) -> dict:
         log("warning: self-train: no dev rows (data.eval or data.eval_fraction), so no dev metric per round")
     record: dict = {"config": job.source, "output_dir": str(job.root), "status": "running", "rounds_planned":
                     job.st.rounds, "teacher": None, "rounds": []}  # fmt: skip
-    try:
+    with recorded(record, lambda r: _finish(job, r)):
         record["status"] = _rounds(job, record, labelled, dev, log)
-    except KeyboardInterrupt:
-        record["status"] = "interrupted"
-        raise
-    except BaseException:
-        record["status"] = "failed"
-        raise
-    finally:
-        _finish(job, record)
     return record
 
 
