@@ -284,6 +284,14 @@ class TrainConfig(StrictModel):
         None, gt=0, description="Passes over the training data (used when max_steps is unset)."
     )
     batch_size: int = Field(8, gt=0, description="Examples per micro-batch.")
+    max_time: float | None = Field(
+        None,
+        gt=0,
+        description="Wall-clock budget in seconds of training steps (eval and checkpoint writes not counted; summed "
+        "over resumes): the run stops cleanly at the first step that reaches it, evaluates, writes a checkpoint "
+        "and final/, and can be resumed with a larger budget. max_steps/epochs still bound the run and set the "
+        "learning-rate schedule's length (as Lightning's Trainer(max_time=...)).",
+    )
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     lr: float = Field(2.0e-4, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(

@@ -248,6 +248,7 @@ def train(
             "error": error,
             "steps": state.step,
             "total_steps": trainer.total_steps,
+            "stopped_by": trainer.stopped_by,
             "train_loss": state.last_loss,
             **state.last_eval,
             "warnings": state.warnings,

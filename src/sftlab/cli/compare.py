@@ -1,4 +1,4 @@
-"""sftlab compare CONFIG --methods full,lora,adapter,prefix,prompt --budget STEPS [--out DIR] [key=value ...]"""
+"""sftlab compare CONFIG --methods full,lora,adapter,prefix,prompt --budget STEPS|TIME [--out DIR] [key=value ...]"""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from ._args import add_trust_remote_code, positive_int
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compare",
-        help="Train several methods with the same step budget and compare metric, size, time and latency.",
-        description="Train each of --methods for --budget optimizer steps on CONFIG's data (each a run directory "
+        help="Train several methods with the same budget and compare metric, size, time and inference cost.",
+        description="Train each of --methods with the same --budget on CONFIG's data (each a run directory "
         "under --out, resumable: rerun after a kill to continue), evaluate each on data.eval, time inference "
-        "against the base model (LoRA merged), and write compare.json and compare.png. Learning rate: the "
+        "against the base model (forward latency; generation tokens/s for causal-lm/seq2seq; LoRA merged), and "
+        "write compare.json and compare.png. Learning rate: the "
         "config's train.lr when it sets one, else each method's default (sftlab plan's LEARNING_RATES).",
     )
     p.add_argument("config", help="YAML run config (its method section is replaced per method)")
@@ -21,9 +22,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--methods", default="full,lora,adapter,prefix,prompt", help="comma-separated method names"
     )
-    p.add_argument("--budget", required=True, help="optimizer steps per method, e.g. 200")
+    p.add_argument(
+        "--budget",
+        required=True,
+        help="per method: optimizer steps (200) or training time (90s, 5m, 1h: a clean stop with eval and "
+        "checkpoint; the config's max_steps/epochs still bound the run and set the lr schedule)",
+    )
     p.add_argument("--out", help="compare directory (default: <train.output_dir>/compare)")
     p.add_argument("--latency-batches", type=positive_int, default=4, help="eval batches timed (default 4)")
+    p.add_argument(
+        "--generation-tokens", type=positive_int, default=16, help="new tokens per prompt timed (default 16)"
+    )
     p.add_argument("--overwrite", action="store_true", help="retrain every method, replacing earlier runs")
     p.add_argument("--json", action="store_true", help="print compare.json instead of the table")
     add_trust_remote_code(
@@ -47,18 +56,19 @@ def run(args: argparse.Namespace) -> int:
         table_rows,
     )
 
-    steps = parse_budget(args.budget)
+    budget = parse_budget(args.budget)
     methods = parse_methods(args.methods)
     cfg = load_config(args.config, list(args.overrides), trust_remote_code=args.trust_remote_code)
     out = Path(args.out) if args.out else Path(cfg.train.output_dir) / "compare"
-    result = compare(cfg, methods, steps, out, overwrite=args.overwrite, latency_batches=args.latency_batches)
+    result = compare(cfg, methods, budget, out, overwrite=args.overwrite, latency_batches=args.latency_batches,
+                     generation_tokens=args.generation_tokens)  # fmt: skip
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"{result['metric']} after {steps} steps per method")
+    t = Table(title=f"{result['metric']} after {budget.describe()} per method")
     for i, h in enumerate(HEADERS):
         t.add_column(h, justify="left" if i == 0 else "right")
     for row in table_rows(result):
@@ -66,5 +76,9 @@ def run(args: argparse.Namespace) -> int:
     Console().print(t)
     print(f"base model forward: {result['base_latency_ms_per_example']:.2f} ms/example over "
           f"{result['latency_examples']} eval examples, {result['threads']} thread(s)")  # fmt: skip
+    if result["generation"]:
+        g = result["generation"]
+        print(f"base model generation: {result['base']['generation_tokens_per_s']:.1f} tokens/s ({g['prompts']} "
+              f"prompts x {g['new_tokens']} new tokens, greedy)")  # fmt: skip
     print(f"wrote {out / COMPARE_JSON} and {out / COMPARE_PNG}")
     return 0

@@ -173,6 +173,7 @@ class Trainer:
 
     # -- one optimizer step ---------------------------------------------------------------------------
     def train_step(self, passes: list[dict]) -> tuple[float, int, int]:
+        self.stopped_by: str | None = None  # "max_time": train.max_time ended the run before its last step
         """Forward/backward over the passes, normalised by the supervised tokens of all of them."""
         n_total = sum(count_supervised(b, self.task) for b in passes)
         if n_total == 0:
@@ -350,8 +351,13 @@ class Trainer:
             cb.on_fit_start(self)
         self.objective.train()
         start = None  # where the running step began: an interrupt rewinds there, so resume replays it whole
+    def out_of_time(self) -> bool:
+        """train.max_time is spent: the steps so far (state.train_time, checkpointed, so summed over resumes) took
+        the budget."""
+        return self.cfg.max_time is not None and self.state.train_time >= self.cfg.max_time
+
         try:
-            while self.state.step < self.total_steps and not self.should_stop:
+            while self.state.step < self.total_steps and not self.should_stop and not self.out_of_time():
                 start = (self.state.epoch, self.state.batch_idx, torch.get_rng_state())
                 result = self.step()
                 start = None
@@ -375,3 +381,10 @@ class Trainer:
         finally:
             for cb in callbacks:
                 cb.on_fit_end(self)
+                if self.state.step < self.total_steps:  # train.max_time: a clean stop, as at the last step
+                    self.stopped_by = "max_time"
+                    self.log(
+                        f"train.max_time: {self.cfg.max_time:g} s of training reached at step {self.state.step}"
+                    )
+                if self.stopped_by and self.saved_step != self.state.step:
+                    self.save()  # resumable with a larger budget (after the final eval, as at any last step)

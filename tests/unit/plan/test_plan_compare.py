@@ -1,5 +1,5 @@
-"""`sftlab compare`: one run per method with the same step budget, its rows equal to each run's summary, resumable
-after a kill, and clear budget errors."""
+"""`sftlab compare`: one run per method with the same budget (steps or time), its rows equal to each run's summary,
+resumable after a kill, inference cost against the base model, and clear budget errors."""
 
 import json
 
@@ -104,12 +104,64 @@ def test_a_killed_compare_resumes_only_the_interrupted_method(tmp_path, monkeypa
 
 @pytest.mark.parametrize(
     "text, says",
-    [("0", "positive number"), ("-3", "not a step count"), ("10m", "is a time"), ("abc", "not a step count")],
-)
+    [("0", "positive number"), ("-3", "not a budget"), ("0m", "no time"), ("abc", "not a budget"),
+     ("5 days", "not a budget")],
+)  # fmt: skip
 def test_budget_errors_are_clear(text, says):
     with pytest.raises(ConfigError, match=says):
         cmp.parse_budget(text)
-    assert cmp.parse_budget("200") == 200
+
+
+@pytest.mark.parametrize(
+    "text, budget",
+    [("200", cmp.Budget(steps=200)), ("90s", cmp.Budget(seconds=90.0)), ("5m", cmp.Budget(seconds=300.0)),
+     ("1.5h", cmp.Budget(seconds=5400.0)), (" 2 min ", cmp.Budget(seconds=120.0))],
+)  # fmt: skip
+def test_budget_takes_steps_or_a_time(text, budget):
+    assert cmp.parse_budget(text) == budget
+
+
+def test_a_time_budget_stops_every_method_cleanly_and_is_recorded(tmp_path):
+    """--budget as a time: each method stops at the first step that reaches it (here: the first, the budget is
+    tiny) although max_steps allows 500, with its final eval, a checkpoint and final/; compare.json says so."""
+    cfg = _cfg(tmp_path, max_steps=500)
+    out = tmp_path / "cmp"
+    result = cmp.compare(cfg, ["lora", "prompt"], cmp.parse_budget("0.001s"), out, latency_batches=1,
+                         log=lambda *_: None)  # fmt: skip
+    saved = json.loads((out / "compare.json").read_text())
+    assert saved["budget"] == {"seconds": 0.001} and saved["budget_steps"] is None
+    for r in result["methods"]:
+        s = json.loads((out / r["method"] / "summary.json").read_text())
+        assert r["steps"] == s["steps"] == 1 and s["total_steps"] == 500
+        assert r["stopped_by"] == s["stopped_by"] == "max_time" and r["status"] == "completed"
+        assert "eval_loss" in s and (out / r["method"] / "final").is_dir()
+        assert (out / r["method"] / "checkpoints" / "step-1").is_dir()
+    assert "(time)" in cmp.table_rows(result)[0][3]
+
+
+def test_generation_tokens_per_s_is_measured_against_the_base_model(tmp_path):
+    """Generation tasks: every method's greedy generation tokens/s beside the base model's (LoRA merged)."""
+    from helpers import alpaca_rows
+
+    ev = write_jsonl(tmp_path / "eval.jsonl", alpaca_rows(4, seed=1))
+    cfg = make_config(tmp_path, "tiny-llama", "causal-lm", n=16, data={"eval": str(ev)},
+                      train={"max_steps": 2, "batch_size": 2})  # fmt: skip
+    result = cmp.compare(cfg, ["lora", "prefix"], 2, tmp_path / "cmp", latency_batches=1, generation_tokens=4,
+                         log=lambda *_: None)  # fmt: skip
+    assert result["generation"] == {"prompts": 2, "new_tokens": 4, "greedy": True}
+    assert result["base"]["generation_tokens_per_s"] > 0 and result["base"]["latency_ms_per_example"] > 0
+    rows = {r["method"]: r for r in result["methods"]}
+    assert rows["lora"]["merged"] and not rows["prefix"]["merged"]
+    for r in rows.values():
+        assert r["generation_tokens_per_s"] > 0
+        assert 0.05 < r["generation_ratio"] < 20
+    assert all(row[7].endswith("x") or row[7].endswith("(merged)") for row in cmp.table_rows(result))
+
+
+def test_a_classification_compare_has_no_generation_numbers(tmp_path):
+    result = cmp.compare(_cfg(tmp_path), ["lora"], 1, tmp_path / "cmp", latency_batches=1, log=lambda *_: None)
+    assert result["generation"] is None and "generation_tokens_per_s" not in result["base"]
+    assert "generation_tokens_per_s" not in result["methods"][0]
 
 
 def test_compare_needs_held_out_data(tmp_path):
@@ -121,6 +173,6 @@ def test_compare_needs_held_out_data(tmp_path):
 def test_cli_budget_error_is_one_line(tmp_path, capsys):
     from sftlab.cli.main import main
 
-    assert main(["compare", str(tmp_path / "c.yaml"), "--budget", "10m"]) == 2
+    assert main(["compare", str(tmp_path / "c.yaml"), "--budget", "10 days"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: --budget: '10m' is a time")
+    assert len(err) == 1 and err[0].startswith("error: --budget: '10 days' is not a budget")
