@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+import re
 import typing
 import warnings
 from pathlib import Path
@@ -368,6 +369,29 @@ class TrainConfig(StrictModel):
         description="mlm: the share of tokens chosen for masking; span: the share of tokens corrupted.",
     )
     mean_span_length: float = Field(3.0, ge=1, description="span: mean length of a corrupted span (T5: 3).")
+    device: str = Field(
+        "auto",
+        description="Where training runs: auto (CUDA when available, else cpu) | cpu | cuda | cuda:N | mps. Model, "
+        "method parameters, batches and optimizer state live there; checkpoints are saved device-independent.",
+    )
+    precision: Literal["fp32", "bf16-mixed", "fp16-mixed", "bf16"] = Field(
+        "fp32",
+        description="fp32 | bf16-mixed (autocast to bf16, fp32 weights and optimizer state) | fp16-mixed (CUDA "
+        "only: autocast to fp16 with a gradient scaler) | bf16 (pure bf16 weights and optimizer state; "
+        "method.name: full only). Trainable LoRA/adapter/prefix parameters stay fp32 in the mixed modes.",
+    )
+    distributed: Literal["ddp", "fsdp"] | None = Field(
+        None,
+        description="Under torchrun (or --nproc N): ddp (each process a full copy, gradients all-reduced) or fsdp "
+        "(FSDP2: parameters, gradients and optimizer state sharded; method.name full, or a PEFT method over a "
+        "sharded frozen base). null: ddp when started by torchrun with more than one process, else one process.",
+    )
+    dist_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="Distributed runs: seconds a process waits on the others (a collective) before it gives up with "
+        "an error naming the step; a process that died stops the rest within this time.",
+    )
     progress: bool = Field(
         True,
         description="Show progress: a bar on a terminal; otherwise (a log, a pipe) a plain line at step 1, "
@@ -391,6 +415,13 @@ class TrainConfig(StrictModel):
     def _betas(cls, v: tuple[float, float]) -> tuple[float, float]:
         if not all(0 <= b < 1 for b in v):
             raise ValueError("each beta must be in [0, 1)")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v):
+            raise ValueError(f"{v!r} is not a device; expected auto, cpu, cuda, cuda:N or mps")
         return v
 
     @field_validator("seed")
@@ -576,6 +607,16 @@ class RunConfig(StrictModel):
         elif self.data.format != "text":
             raise ValueError(
                 f"data.format: {self.data.format!r}: train.objective: {obj} reads unlabelled text; set data.format: text"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _precision(self):
+        """Pure bf16 rounds every update into bf16 weights: only full fine-tuning, whose weights are all trained."""
+        if self.train.precision == "bf16" and self.method.name != "full":
+            raise ValueError(
+                f"train.precision: bf16 (pure bf16 weights) is for method.name: full; with {self.method.name} use "
+                "bf16-mixed (the frozen base runs in bf16, the trained parameters stay fp32)"
             )
         return self
 

@@ -124,12 +124,19 @@ def _check_dtype(dtype: str) -> torch.dtype:
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
     td = DTYPES[dtype]
-    if td != torch.float32 and not torch.cuda.is_available() and not _cpu_has_native_bf16():
-        warnings.warn(
-            f"model.dtype={dtype} on a CPU without native bf16/fp16 matmul: expect ~100x slower training than float32",
-            stacklevel=3,
-        )
+    if td != torch.float32 and not torch.cuda.is_available():
+        warn_slow_half(f"model.dtype={dtype}", stacklevel=4)
     return td
+
+
+def warn_slow_half(setting: str, stacklevel: int = 3) -> None:
+    """Half-precision matmuls on a CPU without bf16 instructions are emulated: one warning for every setting that
+    asks for them (model.dtype, train.precision)."""
+    if not _cpu_has_native_bf16():
+        warnings.warn(
+            f"{setting} on a CPU without native bf16/fp16 matmul: expect ~100x slower training than float32",
+            stacklevel=stacklevel,
+        )
 
 
 def _cpu_has_native_bf16() -> bool:

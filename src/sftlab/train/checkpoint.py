@@ -57,7 +57,7 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
     for idx, st in sd["state"].items():
         for k, v in st.items():
             if torch.is_tensor(v):
-                tensors[f"{idx}.{k}"] = v.detach().contiguous().clone()
+                tensors[f"{idx}.{k}"] = v.detach().cpu().contiguous().clone()
             else:
                 scalars.setdefault(str(idx), {})[k] = v
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
@@ -131,7 +131,7 @@ def save_checkpoint(
 ) -> Path:
     """Write `step-N/` atomically and prune to `keep_last`; refuse (NonFiniteCheckpoint) when a weight or optimizer
     tensor is not finite, so a kept checkpoint is always one training can continue from."""
-    weights = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     opt_tensors, opt_meta = _optimizer_tensors(optimizer)
     bad = non_finite(weights) + non_finite(opt_tensors)
     if bad:

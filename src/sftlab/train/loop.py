@@ -46,6 +46,7 @@ from .checkpoint import (
     step_of,
 )
 from .conflict import pcgrad, pcgrad_note, task_gradients
+from .device import Precision, resolve_device
 from .eval_loss import eval_loss
 from .metrics import MetricsLog
 from .mixture_stream import make_stream
@@ -136,6 +137,12 @@ class Trainer:
         if self.mixture is not None and self.task_eval is None:
             self.task_eval = TaskEval([TaskSpec(name) for name in self.mixture.names])
         weights = self.mixture.loss_weights if self.mixture else None
+        # train.device / train.precision (train/device.py): the model moves (pure bf16: is cast) before the
+        # optimizer sees its parameters; levers that do not apply on this device or under autocast are off.
+        self.device = resolve_device(c.device)
+        self.precision = Precision(c.precision, self.device)
+        self.precision.prepare(self.model)
+        self.perf = self.precision.perf(self.perf)
         self.objective = Objective(self.model, self.task, self.perf, loss_weights=weights)
         self.packing = resolve_packing(
             self.perf.packing, self.task, self.model, self.train_examples, self.log
@@ -166,6 +173,7 @@ class Trainer:
         if self.callbacks is None:
             self.callbacks = default_callbacks(c)
         self.should_stop = False
+        self.stopped_by: str | None = None  # "max_time": train.max_time ended the run before its last step
         self.resumed: bool | None = None  # set by resume(): whether a checkpoint was restored
         self.saved_step: int | None = None  # the step whose state is on disk (saved or resumed from)
         self.save_abandoned = False  # the last save was cut short by a second Ctrl-C
@@ -173,7 +181,6 @@ class Trainer:
 
     # -- one optimizer step ---------------------------------------------------------------------------
     def train_step(self, passes: list[dict]) -> tuple[float, int, int]:
-        self.stopped_by: str | None = None  # "max_time": train.max_time ended the run before its last step
         """Forward/backward over the passes, normalised by the supervised tokens of all of them."""
         n_total = sum(count_supervised(b, self.task) for b in passes)
         if n_total == 0:
@@ -186,8 +193,9 @@ class Trainer:
             return self._pcgrad_step(passes) / n_total, n_total, real
         loss_sum = 0.0
         for batch in passes:
-            loss = self.objective(batch).loss
-            (loss / n_total).backward()
+            with self.precision.autocast():
+                loss = self.objective(batch).loss
+            self.precision.backward(loss / n_total)
             loss_sum += float(loss.detach())
         return loss_sum / n_total, n_total, real
 
@@ -210,8 +218,9 @@ class Trainer:
         gnorm = float("nan")
         if self.cfg.max_grad_norm:
             params = self.trainable_parameters()
+            self.precision.unscale(self.optimizer)
             gnorm = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
-        self.optimizer.step()
+        self.precision.step(self.optimizer)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return gnorm
@@ -258,7 +267,7 @@ class Trainer:
                     self.model,
                     self.optimizer,
                     self.scheduler,
-                    self.state.to_dict(),
+                    self.checkpoint_state(),
                     self.cfg.keep_last,
                 )
         except KeyboardInterrupt:  # Ctrl-C pressed twice: the user gave up on this checkpoint
@@ -276,6 +285,11 @@ class Trainer:
         if pressed() and not interrupting:
             raise KeyboardInterrupt
         return path
+
+    def checkpoint_state(self) -> dict:
+        """The loop state a checkpoint stores, with fp16-mixed's gradient-scaler state."""
+        scaler = self.precision.state_dict()
+        return {**self.state.to_dict(), **({"scaler": scaler} if scaler else {})}
 
     def good_checkpoint_note(self) -> str:
         """Which checkpoint a diverged run can go back to: the newest that verifies (finite, checksums match)."""
@@ -299,6 +313,7 @@ class Trainer:
         if ckpt.note:
             self.log(f"note: {ckpt.note}")
         raw = apply_checkpoint(ckpt, self.model, self.optimizer, self.scheduler)
+        self.precision.load_state_dict(raw.get("scaler"))
         self.resumed = True
         self.saved_step = ckpt.step
         self._stale = [p for p in ckpts if step_of(p) > ckpt.step]
@@ -316,9 +331,10 @@ class Trainer:
         if not self.eval_examples:
             return {}, []
         size = self.cfg.eval_batch_size or self.cfg.batch_size
-        if self.task_eval is not None:
-            return self.task_eval.evaluate(self.objective, self.eval_examples, size, self.pad_id)
-        return eval_loss(self.objective, self.eval_examples, size, self.pad_id), []
+        with self.precision.autocast():
+            if self.task_eval is not None:
+                return self.task_eval.evaluate(self.objective, self.eval_examples, size, self.pad_id)
+            return eval_loss(self.objective, self.eval_examples, size, self.pad_id), []
 
     # -- the loop -------------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> LoopState:
@@ -331,9 +347,14 @@ class Trainer:
         self.metrics = MetricsLog(
             self.run_dir / "metrics.jsonl", resume_step=self.state.step if resumed else None
         )
-        with patches.applied(self.model, self.perf):
+        with patches.applied(self.model, self.perf, malloc=self.precision.malloc):
             self._loop()
         return self.state
+
+    def out_of_time(self) -> bool:
+        """train.max_time is spent: the steps so far (state.train_time, checkpointed, so summed over resumes) took
+        the budget."""
+        return self.cfg.max_time is not None and self.state.train_time >= self.cfg.max_time
 
     def _tidy_checkpoints(self) -> None:
         """Once the run has started: drop what interrupted writes left, and the checkpoints newer than the one
@@ -351,11 +372,6 @@ class Trainer:
             cb.on_fit_start(self)
         self.objective.train()
         start = None  # where the running step began: an interrupt rewinds there, so resume replays it whole
-    def out_of_time(self) -> bool:
-        """train.max_time is spent: the steps so far (state.train_time, checkpointed, so summed over resumes) took
-        the budget."""
-        return self.cfg.max_time is not None and self.state.train_time >= self.cfg.max_time
-
         try:
             while self.state.step < self.total_steps and not self.should_stop and not self.out_of_time():
                 start = (self.state.epoch, self.state.batch_idx, torch.get_rng_state())
@@ -366,8 +382,15 @@ class Trainer:
             if self.should_stop:
                 self.state.status = "early-stopped"
             else:
+                if self.state.step < self.total_steps:  # train.max_time: a clean stop, as at the last step
+                    self.stopped_by = "max_time"
+                    self.log(
+                        f"train.max_time: {self.cfg.max_time:g} s of training reached at step {self.state.step}"
+                    )
                 for cb in callbacks:
                     cb.on_train_end(self)
+                if self.stopped_by and self.saved_step != self.state.step:
+                    self.save()  # resumable with a larger budget (after the final eval, as at any last step)
                 self.state.status = "completed"
         except KeyboardInterrupt:
             self.optimizer.zero_grad(set_to_none=True)
@@ -381,10 +404,3 @@ class Trainer:
         finally:
             for cb in callbacks:
                 cb.on_fit_end(self)
-                if self.state.step < self.total_steps:  # train.max_time: a clean stop, as at the last step
-                    self.stopped_by = "max_time"
-                    self.log(
-                        f"train.max_time: {self.cfg.max_time:g} s of training reached at step {self.state.step}"
-                    )
-                if self.stopped_by and self.saved_step != self.state.step:
-                    self.save()  # resumable with a larger budget (after the final eval, as at any last step)

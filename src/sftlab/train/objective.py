@@ -34,6 +34,7 @@ from ..config import PerfConfig
 from ..data.batching import IGNORE
 from ..methods import multitask
 from . import tail, varlen
+from .device import module_device, to_device
 from .loss import linear_cross_entropy_sum
 
 TASKS = ("causal-lm", "seq2seq", "seq-cls", "masked-lm")
@@ -68,6 +69,12 @@ def _fusable(head: nn.Module) -> bool:
 
 def _takes_kwargs(module: nn.Module) -> bool:
     return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(module.forward).parameters.values())
+
+
+def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast computes in for `t`'s device, or None when autocast is off (train.precision fp32)."""
+    kind = t.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
 
 
 def _packed_row(batch: dict) -> bool:
@@ -105,6 +112,7 @@ class Objective(nn.Module):
         return w.reshape(-1, *([1] * (like.dim() - 1))).expand_as(like) if ids.dim() == 1 else w
 
     def forward(self, batch: dict[str, torch.Tensor]) -> LossSums:
+        batch = to_device(batch, module_device(self.model))  # train.device: collated on the CPU, moved here
         weights, ids = None, batch.get("task_ids")
         if ids is not None:  # whose each row/token is: for routing and the loss weights, never a model input
             # Loss weights shape training; evaluation reports each task's plain loss.
@@ -174,6 +182,11 @@ class Objective(nn.Module):
         head = self.model.get_output_embeddings()
         chunk = perf.loss_chunk_size
         if perf.fused_loss and _fusable(head):
+            dtype = _autocast_dtype(h)
+            if dtype is not None:  # mixed precision: the head GEMMs in the autocast dtype, softmax and sums in fp32
+                b = head.bias.to(dtype) if head.bias is not None else None
+                with torch.autocast(h.device.type, enabled=False):
+                    return linear_cross_entropy_sum(h.to(dtype), head.weight.to(dtype), b, y, chunk)
             return linear_cross_entropy_sum(h, head.weight, head.bias, y, chunk)
         total = h.new_zeros((), dtype=torch.float32)
         for start in range(0, n, chunk):

@@ -216,7 +216,8 @@ class LoraLayer(Switch):
             and not (base._forward_hooks or base._forward_pre_hooks)
             and name not in self.lora_magnitude_vector
             and not (self.training and self.dropout[name] > 0)
-            and x.dtype == self.lora_A[name].dtype == base.weight.dtype
+            and x.dtype == self.lora_A[name].dtype == self._base_dtype_device()[0]
+            and not torch.is_autocast_enabled(x.device.type)  # train.precision *-mixed: autocast's own kernels
         )
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
