@@ -58,6 +58,26 @@ class ModelConfig(StrictModel):
         "that eval/generate/merge load.",
     )
     attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel.")
+    quantize: Literal["nf4", "int8"] | None = Field(
+        None,
+        description="Hold the frozen base's linear weights quantised (QLoRA): nf4 (4-bit NormalFloat, 64-blocks) or "
+        "int8 (per-row absmax); heads, embeddings and norms keep model.dtype. For methods that freeze the base "
+        "(lora, adapter, prefix, ptuning, prompt); rebuilt from the weights on every load, never saved.",
+    )
+    double_quant: bool = Field(
+        True, description="nf4: store the block scales as int8 too (QLoRA double quantisation; ~0.37 bit a weight)."
+    )
+    compute_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="Dtype quantised weights are decoded to for their GEMMs; null: model.dtype."
+    )
+
+    def quant_spec(self):
+        """The `quant.QuantSpec` of this model (None when model.quantize is null)."""
+        from .quant import QuantSpec
+
+        if self.quantize is None:
+            return None
+        return QuantSpec(self.quantize, self.double_quant, self.compute_dtype)
 
 
 class MixingConfig(StrictModel):
@@ -130,6 +150,13 @@ class DataConfig(StrictModel):
         "line",
         description="How a .txt file splits into records (documents): one per non-empty line, one per run of "
         "non-blank lines (paragraph: blank lines separate documents), or the whole file.",
+    )
+    streaming: bool | None = Field(
+        None,
+        description="train.objective clm/mlm/span: read the text corpus a record at a time (.txt, .jsonl, .csv/.tsv) "
+        "and keep its token blocks in a memory-mapped Arrow file in the temp directory (TMPDIR), so memory stays "
+        "flat however large the corpus (the same blocks and draws as in memory). null: when the train files pass "
+        "16 MiB. Supervised data (objective sft) is always read into memory.",
     )
     weight_field: str | None = Field(
         None,
@@ -284,7 +311,6 @@ class TrainConfig(StrictModel):
     epochs: float | None = Field(
         None, gt=0, description="Passes over the training data (used when max_steps is unset)."
     )
-    batch_size: int = Field(8, gt=0, description="Examples per micro-batch.")
     max_time: float | None = Field(
         None,
         gt=0,
@@ -293,6 +319,7 @@ class TrainConfig(StrictModel):
         "and final/, and can be resumed with a larger budget. max_steps/epochs still bound the run and set the "
         "learning-rate schedule's length (as Lightning's Trainer(max_time=...)).",
     )
+    batch_size: int = Field(8, gt=0, description="Examples per micro-batch.")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     lr: float = Field(2.0e-4, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(
@@ -586,6 +613,11 @@ class RunConfig(StrictModel):
                     "model.task: masked-lm trains with train.objective: mlm (on unlabelled text); set it, or pick "
                     "the task of the supervised stage (seq-cls for a classifier)"
                 )
+            if self.data.streaming:
+                raise ValueError(
+                    "data.streaming: true streams a text corpus for train.objective clm, mlm or span; supervised data "
+                    "(objective sft) is read into memory: drop the key"
+                )
             return self
         if "task" not in self.model.model_fields_set:
             self.model.task = needs[obj]
@@ -607,6 +639,25 @@ class RunConfig(StrictModel):
         elif self.data.format != "text":
             raise ValueError(
                 f"data.format: {self.data.format!r}: train.objective: {obj} reads unlabelled text; set data.format: text"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _quantized_base(self):
+        """A quantised base is frozen: only methods that train something beside it can use one."""
+        q = self.model.quantize
+        if q is None:
+            return self
+        if self.method.name in ("full", "freeze"):
+            raise ValueError(
+                f"model.quantize: {q} freezes the base's linear weights as {q} codes, and method.name: "
+                f"{self.method.name} trains them; use lora, adapter, prefix, ptuning or prompt on a quantised base, "
+                "or drop model.quantize"
+            )
+        if getattr(self.method, "init", None) == "pissa":
+            raise ValueError(
+                f"method.init: pissa rewrites the base weights to their residual, and model.quantize: {q} holds them "
+                "as frozen codes; use init default or gaussian, or drop model.quantize"
             )
         return self
 

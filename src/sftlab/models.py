@@ -32,6 +32,7 @@ from transformers import (
 )
 
 from .errors import ModelError
+from .quant import QuantSpec, quantize_model
 
 TASKS = ("causal-lm", "seq-cls", "seq2seq", "masked-lm")
 TINY_NAMES = ("tiny-llama", "tiny-gpt2", "tiny-bert", "tiny-t5")
@@ -234,10 +235,30 @@ def load_model(
     trust_remote_code: bool = False,
     attn_implementation: str | None = "sdpa",
     tokenizer: PreTrainedTokenizerBase | None = None,
+    quant: QuantSpec | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return (model, tokenizer). `name` is a tiny name, a local directory, a .gguf file or an HF id (aliases:
     `hub.load_model`). Pass `tokenizer` when it is already loaded (a GGUF tokenizer takes seconds to parse); tiny
-    models always come with their own byte tokenizer."""
+    models always come with their own byte tokenizer. `quant` (model.quantize): the frozen linears held as NF4/int8
+    codes (`sftlab.quant`), built layer by layer right after loading."""
+    model, tok = _load_model(
+        name, task, dtype, num_labels, trust_remote_code, attn_implementation, tokenizer, quant
+    )
+    if quant is not None and getattr(model, "_sftlab_quant", None) is None:
+        quantize_model(model, quant)
+    return model, tok
+
+
+def _load_model(
+    name: str,
+    task: str,
+    dtype: str,
+    num_labels: int | None,
+    trust_remote_code: bool,
+    attn_implementation: str | None,
+    tokenizer: PreTrainedTokenizerBase | None,
+    quant: QuantSpec | None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if task not in TASKS:
         raise ValueError(f"model.task: {task!r} is not one of {', '.join(TASKS)}")
     torch_dtype = _check_dtype(dtype)

@@ -27,6 +27,7 @@ from .errors import RunDirError
 from .methods import multitask
 from .methods._targets import count_parameters
 from .models import check_positions, enable_activation_checkpointing
+from .quant import weight_memory
 from .rundir import check_run_dir, owned_entries, started_run
 from .runs import method_of, save_final
 from .threads import choose_threads
@@ -119,6 +120,7 @@ def load_base(
         m.trust_remote_code,
         m.attn_implementation,
         tokenizer=tokenizer,
+        quant=m.quant_spec(),
     )
     if label_names:
         model.config.id2label = dict(enumerate(label_names))
@@ -213,10 +215,18 @@ def train(
     random.seed(cfg.train.seed)
     model, tokenizer, train_data, eval_data = prepare(cfg, log)
     trainable, total = count_parameters(model)
+    quantized = weight_memory(model) if cfg.model.quantize else None
+    total += quantized["quantized_params"] if quantized else 0  # quantised weights are buffers
     log(
         f"model: {cfg.model.name} ({total:,} params), method {cfg.method.name}: "
         f"{trainable:,} trainable ({100 * trainable / total:.3f}%)"
     )
+    if quantized:
+        log(
+            f"base: {quantized['quantized_layers']} linear layers held as {quantized['quantize']}: "
+            f"{quantized['quantized_weight_bytes'] / 2**20:.1f} MiB (were {quantized['original_weight_bytes'] / 2**20:.1f}"
+            f" MiB, {quantized['ratio']:.3f}x); other weights {quantized['other_bytes'] / 2**20:.1f} MiB"
+        )
     trainer = Trainer(
         model=model,
         cfg=cfg.train,
@@ -260,6 +270,7 @@ def train(
             "trainable_params": trainable,
             "total_params": total,
             "trainable_share": trainable / total,
+            **({"quantized_base": quantized} if quantized else {}),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "data": train_data.stats,
             **({"tasks": task_table(tasks, trainer)} if tasks else {}),

@@ -152,7 +152,14 @@ def load_run(
     spec, ctx = method_of(cfg, tokenizer)
     source = str(final) if spec.saves_full_model else m.name
     model, _ = hub.load_model(
-        source, m.task, m.dtype, num_labels, m.trust_remote_code, m.attn_implementation, tokenizer=tokenizer
+        source,
+        m.task,
+        m.dtype,
+        num_labels,
+        m.trust_remote_code,
+        m.attn_implementation,
+        tokenizer=tokenizer,
+        quant=m.quant_spec(),
     )
     if not spec.saves_full_model:
         spec.apply(model, cfg.method, ctx)

@@ -13,6 +13,7 @@ ROOT = Path(__file__).resolve().parents[2] / "src" / "sftlab"
 LAYERS = [
     # leaves
     ["sftlab.strict", "sftlab.gemm", "sftlab.errors", "sftlab.threads", "sftlab.files", "sftlab.scores"],
+    ["sftlab.quant"],  # quantised frozen weights (QLoRA): under methods (LoRA wraps them) and models (load hook)
     ["sftlab.data", "sftlab.methods", "sftlab.models", "sftlab.convert"],  # what a run is made of
     ["sftlab.config"],  # the run config (knows the methods' configs)
     ["sftlab.train", "sftlab.generate", "sftlab.demo_model"],  # the loop; building the demo model
@@ -27,6 +28,7 @@ LAYERS = [
         "sftlab.selftrain"
     ],  # self-training rounds (teacher -> pseudo-labels -> student), each a run of the recipe
     ["sftlab.quickstart", "sftlab.pipeline", "sftlab.plan"],  # quickstart; stages of runs; the planner
+    ["sftlab.ui"],  # the web page over the commands' library code and subprocesses
     ["sftlab.cli"],  # commands
 ]
 

@@ -17,10 +17,12 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ... import gemm
+from ...errors import ConfigError
+from ...quant import QuantLinear
 from .._adapters import Switch, mix_rows
 from .config import LoraConfig
 
-TARGET_TYPES = (nn.Linear, Conv1D)
+TARGET_TYPES = (nn.Linear, Conv1D, QuantLinear)
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -32,15 +34,20 @@ class _LoraLinear(torch.autograd.Function):
     tensor per layer); the scaling touches only the thin (N, r) and (d_out, r) gradients. Frozen W and b get
     no gradient work at all. The two big GEMMs (x W^T, dY W) go through `sftlab.gemm` (oneDNN while the trainer
     switches it on). The numbers equal the plain composition's (tested).
+
+    A quantised base (`quant`, a QuantLinear; `weight` None) is decoded for the forward GEMM and again for dX, and
+    never saved: no full-precision W outlives the layer's GEMM.
     """
 
     @staticmethod
     def forward(
-        ctx, x2, weight, bias, A, B, scaling
+        ctx, x2, weight, bias, A, B, scaling, quant=None
     ):  # (N, d_in), (d_out, d_in), (d_out,), (r, d_in), (d_out, r)
         xa = torch.mm(x2, A.t())  # (N, r)
         ctx.dnn = gemm.active()  # base GEMMs through oneDNN (gemm.py); backward keeps this choice
-        out = gemm.linear(x2, weight, bias, dnn=ctx.dnn)
+        ctx.quant = quant
+        w = weight if quant is None else quant.dequantized(x2.dtype)
+        out = gemm.linear(x2, w, bias, dnn=ctx.dnn)
         out.addmm_(xa, B.t(), alpha=scaling)
         ctx.save_for_backward(x2, weight, A, B, xa)
         ctx.scaling = scaling
@@ -49,7 +56,9 @@ class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):  # dy (N, d_out)
         x2, weight, A, B, xa = ctx.saved_tensors
-        need_x, need_w, need_b, need_a, need_bb, _ = ctx.needs_input_grad
+        if ctx.quant is not None:
+            weight = ctx.quant.dequantized(dy.dtype)
+        need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         s = ctx.scaling
         dxa = torch.mm(dy, B).mul_(s)  # (N, r): the gradient reaching x A^T
         dx = dw = db = da = dB = None
@@ -63,7 +72,7 @@ class _LoraLinear(torch.autograd.Function):
             da = torch.mm(dxa.t(), x2)
         if need_bb:
             dB = torch.mm(dy.t(), xa).mul_(s)
-        return dx, dw, db, da, dB, None
+        return (dx, dw, db, da, dB, None, None)[: len(ctx.needs_input_grad)]
 
 
 class LoraLayer(Switch):
@@ -75,11 +84,14 @@ class LoraLayer(Switch):
             raise TypeError(f"LoRA wraps nn.Linear or Conv1D, not {type(base_layer).__name__}")
         self.base_layer = base_layer
         # Conv1D stores its weight as (d_in, d_out): PEFT calls this fan_in_fan_out.
-        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
-        w = base_layer.weight
-        self.in_features, self.out_features = (
-            (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
-        )
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D) or getattr(base_layer, "transposed", False)
+        if isinstance(base_layer, QuantLinear):
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+        else:
+            w = base_layer.weight
+            self.in_features, self.out_features = (
+                (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+            )
         self.lora_A = nn.ParameterDict()  # name -> (r, d_in)
         self.lora_B = nn.ParameterDict()  # name -> (d_out, r)
         self.lora_magnitude_vector = nn.ParameterDict()  # name -> (d_out,), DoRA only
@@ -88,6 +100,7 @@ class LoraLayer(Switch):
         self.fused: dict[str, bool] = {}  # adapter -> may take the fused forward (LoraConfig.fused_forward)
         self.merged: str | None = None
         self._merge_norm: torch.Tensor | None = None  # DoRA row norms at merge time, to unmerge exactly
+        self._parked: list[QuantLinear] = []  # a quantised base set aside while merged into its decoded copy
 
     # Code elsewhere in transformers reads `.weight`/`.bias` of projections (e.g. for dtype checks).
     @property
@@ -98,8 +111,18 @@ class LoraLayer(Switch):
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
 
+    def quantized(self) -> bool:
+        return isinstance(self.base_layer, QuantLinear)
+
+    def _base_dtype_device(self) -> tuple[torch.dtype, torch.device]:
+        base = self.base_layer
+        if isinstance(base, QuantLinear):
+            return base.compute_dtype, base.q_codes.device
+        return base.weight.dtype, base.weight.device
+
     def base_weight(self) -> torch.Tensor:
-        """W as (d_out, d_in), a view of the base parameter (in-place edits reach it)."""
+        """W as (d_out, d_in), a view of the base parameter (in-place edits reach it); a quantised base: a
+        decoded copy."""
         w = self.base_layer.weight
         return w.T if self.fan_in_fan_out else w
 
@@ -116,11 +139,16 @@ class LoraLayer(Switch):
 
     # ---- adapters -------------------------------------------------------------------------------------------
     def add_adapter(self, name: str, cfg: LoraConfig) -> None:
-        w = self.base_layer.weight
+        if cfg.init == "pissa" and self.quantized():
+            raise ConfigError(
+                "method.init: pissa rewrites the base weights to their residual, and this base is quantised "
+                "(model.quantize); use init default or gaussian, or drop model.quantize"
+            )
+        w_dtype, device = self._base_dtype_device()
         # Half-precision bases get fp32 adapters (as PEFT's autocast_adapter_dtype): tiny, and stable to train.
-        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
-        a = torch.empty(cfg.r, self.in_features, dtype=dtype, device=w.device)
-        b = torch.zeros(self.out_features, cfg.r, dtype=dtype, device=w.device)
+        dtype = torch.float32 if w_dtype in (torch.float16, torch.bfloat16) else w_dtype
+        a = torch.empty(cfg.r, self.in_features, dtype=dtype, device=device)
+        b = torch.zeros(self.out_features, cfg.r, dtype=dtype, device=device)
         if cfg.init == "gaussian":
             nn.init.normal_(a, std=1 / cfg.r)
         else:
@@ -201,8 +229,8 @@ class LoraLayer(Switch):
         return result + self._delta(x, result, name)
 
     def _fused_ok(self, x: torch.Tensor) -> bool:
-        """The plain-LoRA fast path: a hook-free nn.Linear base, one active adapter, no dropout in training,
-        no DoRA, one dtype."""
+        """The plain-LoRA fast path: a hook-free nn.Linear (or QuantLinear) base, one active adapter, no dropout
+        in training, no DoRA, one dtype."""
         name, base = self.current(), self.base_layer
         if (
             self.row_names is not None
@@ -212,21 +240,24 @@ class LoraLayer(Switch):
         ):
             return False
         return (
-            type(base) is nn.Linear
+            type(base) in (nn.Linear, QuantLinear)
             and not (base._forward_hooks or base._forward_pre_hooks)
             and name not in self.lora_magnitude_vector
             and not (self.training and self.dropout[name] > 0)
             and x.dtype == self.lora_A[name].dtype == self._base_dtype_device()[0]
-            and not torch.is_autocast_enabled(x.device.type)  # train.precision *-mixed: autocast's own kernels
+            and not torch.is_autocast_enabled(
+                x.device.type
+            )  # train.precision *-mixed: autocast's own kernels
         )
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         """W x + b + s·(x A^T) B^T as one autograd node (`_LoraLinear`); see there for what it saves."""
-        name = self.active
+        name, base = self.active, self.base_layer
         x2 = x.reshape(-1, x.shape[-1])  # (N, d_in)
+        quant = base if isinstance(base, QuantLinear) else None
         out = _LoraLinear.apply(
-            x2, self.base_layer.weight, self.base_layer.bias, self.lora_A[name], self.lora_B[name],
-            self.scaling[name],
+            x2, None if quant else base.weight, base.bias, self.lora_A[name], self.lora_B[name],
+            self.scaling[name], quant,
         )  # fmt: skip
         return out.view(*x.shape[:-1], out.shape[-1])
 
@@ -267,6 +298,9 @@ class LoraLayer(Switch):
             return
         if self.merged is not None:
             self.unmerge()
+        if isinstance(self.base_layer, QuantLinear):  # merge into its decoded copy; unmerge puts it back
+            self._parked = [self.base_layer]
+            self.base_layer = self.base_layer.to_float()
         W = self.base_weight()
         w, delta = self._work(W, name)  # (d_out, d_in), in fp32 or wider
         if name in self.lora_magnitude_vector:
@@ -282,6 +316,10 @@ class LoraLayer(Switch):
     def unmerge(self) -> None:
         name = self.merged
         if name is None:
+            return
+        if self._parked:  # the quantised base, exactly as it was
+            self.base_layer, self._parked = self._parked[0], []
+            self._merge_norm, self.merged = None, None
             return
         W = self.base_weight()
         w, delta = self._work(W, name)

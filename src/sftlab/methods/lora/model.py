@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ...quant import dequantize_model
 from .. import _adapters as named
 from .._adapters import Registry, SavedModule, plain_modules
 from .._targets import find_modules, freeze_all, task_head_modules
@@ -182,7 +183,9 @@ def unmerge_adapter(model: nn.Module) -> None:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Merge the active adapter and return the plain HF model (original Linear/Conv1D with merged weights,
     modules_to_save replaced by the adapter's trained copy), ready for `save_pretrained` and `from_pretrained`.
-    Used by `sftlab merge RUN_DIR OUT_DIR` through the method's `merge` slot."""
+    Used by `sftlab merge RUN_DIR OUT_DIR` through the method's `merge` slot. A quantised base (model.quantize) is
+    decoded first and merged in its original precision: the result is an ordinary full-precision model."""
+    dequantize_model(model)
     merge_adapter(model)
     for path, m in list(plain_modules(model)):
         if isinstance(m, LoraLayer):
