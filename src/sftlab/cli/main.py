@@ -22,6 +22,7 @@ SUBCOMMANDS = [
     "plan",
     "selftrain",
     "compare",
+    "ui",
 ]
 
 
