@@ -137,7 +137,7 @@ class RunView:
     def status(self) -> str:
         if self.summary is not None:
             return str(self.summary.get("status", "?"))
-        return "running" if self.train else "starting"
+        return "unfinished" if self.train else "starting"  # running, stopped or crashed: no summary yet
 
     def row(self, root: Path | None = None) -> dict[str, Any]:
         """One line of the runs table."""
