@@ -11,23 +11,30 @@ tokens, every token in exactly one block (nothing is truncated away):
 - span (seq2seq): documents joined by EOS, blocks of max_length - 1 tokens (the corrupted input + EOS then fits
   max_length); corrupted afresh each epoch (`SpanCorruption`).
 
-The eval set is corrupted once, on its own random stream, so every eval scores the same masked positions. The
-whole corpus is held in memory as token lists (about 30 bytes a token in Python): fine for corpora of tens of MB
-of text; streaming larger ones is not built yet.
+The eval set is corrupted once, on its own random stream, so every eval scores the same masked positions.
+
+Small corpora are held in memory as token lists (about 30 bytes a token in Python). Large ones (`data.streaming`;
+null: train files over STREAM_BYTES) are streamed: records read a line at a time (`readers.iter_records`), tokenized
+1,024 at a time, cut into blocks as they come (`objectives.iter_blocks`) and written to a memory-mapped Arrow file
+(`blockstore.py`), so memory stays flat however large the file. Both paths run the same code on the same records (the
+eval_fraction split too: `load.held_out`), so they give the same blocks, draws and training (tested).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 import numpy as np
 
 from ..errors import ConfigError, DataError
+from .blockstore import BlockStore, BlockWriter, Corrupted
 from .encode import EncodedData, adds_bos, to_records
-from .load import split_eval
-from .objectives import EVAL, TRAIN, blocks, example_rng, mlm_mask, span_corrupt, span_counts
-from .readers import read_records
+from .load import held_out, split_eval
+from .objectives import EVAL, TRAIN, example_rng, iter_blocks, mlm_mask, span_corrupt, span_counts
+from .readers import RawRecord, iter_records, list_files, read_records
 
 OBJECTIVE_TASKS = {
     "clm": "causal-lm",
@@ -37,6 +44,7 @@ OBJECTIVE_TASKS = {
 # Bytes that never occur in UTF-8 text: in sftlab's byte-level tokenizer (the tiny models) their tokens are free
 # to serve as T5 sentinels.
 _NON_UTF8 = bytes([0xC0, 0xC1, *range(0xF5, 0x100)])
+STREAM_BYTES = 16 * 2**20  # data.streaming: null streams a corpus whose train files are larger than this
 
 
 @dataclass
@@ -65,7 +73,11 @@ class Masking:
         return {"input_ids": ids, "labels": labels}
 
     def length(self, example: dict) -> int:
-        return len(example["input_ids"])
+        return self.length_of(len(example["input_ids"]))
+
+    def length_of(self, n: int) -> int:
+        """The batching cost of a block of n tokens (masking keeps its length)."""
+        return n
 
 
 @dataclass(frozen=True)
@@ -86,8 +98,10 @@ class SpanCorruption:
         return {"input_ids": inputs + [self.eos_id], "labels": targets + [self.eos_id]}
 
     def length(self, example: dict) -> int:
-        """The corrupted example's batching cost: its lengths depend only on the block's (T5's rounding)."""
-        n = len(example["input_ids"])
+        return self.length_of(len(example["input_ids"]))
+
+    def length_of(self, n: int) -> int:
+        """The corrupted block's batching cost: its lengths depend only on the block's, n (T5's rounding)."""
         noise, spans = span_counts(n, self.density, self.mean_span)
         return max(n - noise, noise) + spans + 1
 
@@ -138,48 +152,140 @@ def _special_ids(tokenizer: Any) -> np.ndarray:
     return np.array(sorted(set(tokenizer.all_special_ids)), dtype=np.int64)
 
 
-def _documents(records: list, tokenizer: Any, objective: str) -> list[list[int]]:
-    texts = [r.text for r in records]
-    ids: list[list[int]] = []
-    for start in range(0, len(texts), 1024):  # fast tokenizers run a list in one call
-        ids += tokenizer(texts[start : start + 1024], add_special_tokens=objective == "mlm", verbose=False)[
-            "input_ids"
-        ]
+def streams(data_cfg: Any) -> bool:
+    """Stream this corpus from disk (`data.streaming`; null: when the train files pass STREAM_BYTES)?"""
+    choice = getattr(data_cfg, "streaming", None)
+    if choice is not None:
+        return bool(choice)
+    return sum(f.stat().st_size for f in list_files(data_cfg.train)) > STREAM_BYTES
+
+
+class _Records:
+    """A file's records, read afresh on every iteration (streamed; see readers.iter_records); with `held`, only
+    those whose held-out byte equals `keep` (the eval_fraction split, held_out's mask)."""
+
+    def __init__(self, path: str, data_cfg: Any, held: bytearray | None = None, keep: int = 0) -> None:
+        self.path, self.cfg, self.held, self.keep = path, data_cfg, held, keep
+
+    def __iter__(self) -> Iterator[RawRecord]:
+        c = self.cfg
+        recs = iter_records(self.path, c.columns, c.limit, getattr(c, "documents", "line"))
+        if self.held is None:
+            yield from recs
+        else:
+            yield from (r for i, r in enumerate(recs) if self.held[i] == self.keep)
+
+
+def _raw_records(
+    data_cfg: Any, seed: int, stream: bool
+) -> tuple[Iterable[RawRecord], Iterable[RawRecord] | None]:
+    """(train records, eval records or None): lists read whole, or (`stream`) re-readable streams of the same
+    records, split by eval_fraction exactly as the lists are (load.held_out)."""
+    documents = getattr(data_cfg, "documents", "line")
+    if stream:
+        train: Iterable[RawRecord] = _Records(data_cfg.train, data_cfg)
+        if data_cfg.eval:
+            return train, _Records(data_cfg.eval, data_cfg)
+        if data_cfg.eval_fraction > 0:
+            n = sum(1 for _ in train)
+            if n == 0:
+                raise DataError(f"{data_cfg.train}: no records")
+            held = held_out(n, data_cfg.eval_fraction, seed)
+            return _Records(data_cfg.train, data_cfg, held, 0), _Records(data_cfg.train, data_cfg, held, 1)
+        return train, None
+    train_raw = read_records(data_cfg.train, data_cfg.columns, data_cfg.limit, documents)
+    if not train_raw:
+        raise DataError(f"{data_cfg.train}: no records")
+    eval_raw = None
+    if data_cfg.eval:
+        eval_raw = read_records(data_cfg.eval, data_cfg.columns, data_cfg.limit, documents)
+        if not eval_raw:
+            raise DataError(f"{data_cfg.eval}: no records")
+    elif data_cfg.eval_fraction > 0:
+        train_raw, eval_raw = split_eval(train_raw, data_cfg.eval_fraction, seed)
+    return train_raw, eval_raw
+
+
+@dataclass
+class _Seen:
+    records: int = 0
+    first: str = ""  # where the first record is (for errors)
+
+
+def _texts(records: Iterable[Any], seen: _Seen) -> Iterator[str]:
+    """Each record's text (data.format text: its `text` field, checked as to_records checks it), counted."""
+    for rec in records:
+        text = to_records([rec], "text")[0]
+        if not seen.records:
+            seen.first = text.where
+        seen.records += 1
+        yield text.text
+
+
+def _documents(texts: Iterable[str], tokenizer: Any, objective: str) -> Iterator[list[int]]:
+    """Each text's ids, framed for `objective` (see the module doc), tokenized 1,024 texts a call (fast tokenizers
+    run a list in one call)."""
     eos = tokenizer.eos_token_id
+    head: list[int] = []
+    tail: list[int] = [eos]
     if objective == "clm":
-        bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
-        return [bos + list(d) + [eos] for d in ids]
-    if objective == "mlm":
+        head = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
+    elif objective == "mlm":
+        tail = []
         if (
             tokenizer.num_special_tokens_to_add() == 0
         ):  # nothing marks where a document ends: add SEP (or EOS)
             sep = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else eos
-            return [list(d) + ([sep] if sep is not None else []) for d in ids]
-        return [list(d) for d in ids]
-    return [list(d) + [eos] for d in ids]
+            tail = [sep] if sep is not None else []
+    it = iter(texts)
+    while chunk := list(islice(it, 1024)):
+        for d in tokenizer(chunk, add_special_tokens=objective == "mlm", verbose=False)["input_ids"]:
+            yield head + list(d) + tail
 
 
-def encode_corpus(records: list, tokenizer: Any, data_cfg: Any, objective: str) -> EncodedData:
-    """Text records -> blocks (see the module doc); stats as encode_dataset's."""
-    recs = to_records(records, "text")
-    if not recs:
-        raise DataError("no records to encode")
+def encode_corpus(
+    records: Iterable[Any], tokenizer: Any, data_cfg: Any, objective: str, stream: bool = False
+) -> EncodedData:
+    """Text records -> blocks (see the module doc); stats as encode_dataset's. With `stream`, the records are read
+    as they come and the blocks go to a memory-mapped Arrow file (`blockstore.BlockStore`): the same blocks."""
     n = data_cfg.max_length - (1 if objective == "span" else 0)
     if n < 2:
         raise ConfigError(f"data.max_length: {data_cfg.max_length} leaves no room for a block to learn from")
-    docs = _documents(recs, tokenizer, objective)
-    examples = [{"input_ids": b} for b in blocks(docs, n)]
+    seen = _Seen()
+    cut = iter_blocks(_documents(_texts(records, seen), tokenizer, objective), n)
     if objective == "span":
-        examples = [e for e in examples if len(e["input_ids"]) >= 2]  # one lone token has no span to corrupt
-    if objective == "clm":
-        examples = [{"input_ids": e["input_ids"], "labels": list(e["input_ids"])} for e in examples]
-    tokens = sum(len(e["input_ids"]) for e in examples)
-    stats = {"records": len(recs), "examples": len(examples), "dropped": 0, "empty": 0, "truncated": 0}
+        cut = (b for b in cut if len(b) >= 2)  # one lone token has no span to corrupt
+    examples: Sequence[dict]
+    if stream:
+        writer = BlockWriter()
+        try:
+            for b in cut:
+                writer.add(b)
+        except BaseException:
+            writer.discard()
+            raise
+        examples = writer.finish(labels=objective == "clm")
+        lengths = examples.lengths
+    else:
+        if objective == "clm":
+            examples = [{"input_ids": b, "labels": list(b)} for b in cut]
+        else:
+            examples = [{"input_ids": b} for b in cut]
+        lengths = [len(e["input_ids"]) for e in examples]
+    if not seen.records:
+        raise DataError("no records to encode")
+    tokens = int(sum(lengths))
+    stats = {"records": seen.records, "examples": len(examples), "dropped": 0, "empty": 0, "truncated": 0}
     stats["tokens"] = tokens
     stats["supervised_tokens"] = tokens - len(examples)  # clm; mlm and span: set by load_corpus
-    if not examples or (objective == "clm" and stats["supervised_tokens"] == 0):
-        raise DataError(f"{recs[0].where}: the corpus holds too few tokens to train on ({tokens})")
-    return EncodedData(examples, stats, None)
+    if not len(examples) or (objective == "clm" and stats["supervised_tokens"] == 0):
+        raise DataError(f"{seen.first}: the corpus holds too few tokens to train on ({tokens})")
+    return EncodedData(examples, stats, None)  # type: ignore[arg-type]  # a list, or a BlockStore
+
+
+def _lengths(data: EncodedData) -> Sequence[int]:
+    ex = data.examples
+    return ex.lengths if isinstance(ex, BlockStore) else [len(e["input_ids"]) for e in ex]
 
 
 def corruption(
@@ -205,7 +311,7 @@ def corruption(
 
 def check_sentinels(data: EncodedData, span: SpanCorruption, max_length: int) -> None:
     """Every block's spans need a sentinel each: refuse a max_length whose blocks would run out of them."""
-    longest = max(len(e["input_ids"]) for e in data.examples)
+    longest = int(max(_lengths(data)))
     spans = span_counts(longest, span.density, span.mean_span)[1]
     if spans > len(span.sentinels):
         fits = max(
@@ -220,25 +326,28 @@ def check_sentinels(data: EncodedData, span: SpanCorruption, max_length: int) ->
         )
 
 
+def _corrupt_once(data: EncodedData, transform: Masking | SpanCorruption) -> None:
+    """The eval set's corruption, drawn once on the EVAL stream: a list of the corrupted examples, or (streamed) a
+    view that corrupts each as it is read (the same examples)."""
+    if isinstance(data.examples, BlockStore):
+        data.examples = Corrupted(data.examples, transform, 0, EVAL)  # type: ignore[assignment]
+    else:
+        data.examples = [transform(e, 0, i, EVAL) for i, e in enumerate(data.examples)]
+
+
 def load_corpus(
     data_cfg: Any, tokenizer: Any, model_name: str, train_cfg: Any
 ) -> tuple[Corpus, EncodedData | None]:
-    """(train blocks with their per-epoch corruption, eval blocks corrupted once or None) for train.objective."""
+    """(train blocks with their per-epoch corruption, eval blocks corrupted once or None) for train.objective.
+    Large corpora (`streams`) are streamed into memory-mapped blocks; the blocks and draws are the same."""
     objective = train_cfg.objective
-    documents = getattr(data_cfg, "documents", "line")
-    train_raw = read_records(data_cfg.train, data_cfg.columns, data_cfg.limit, documents)
-    if not train_raw:
-        raise DataError(f"{data_cfg.train}: no records")
-    eval_raw = None
-    if data_cfg.eval:
-        eval_raw = read_records(data_cfg.eval, data_cfg.columns, data_cfg.limit, documents)
-        if not eval_raw:
-            raise DataError(f"{data_cfg.eval}: no records")
-    elif data_cfg.eval_fraction > 0:
-        train_raw, eval_raw = split_eval(train_raw, data_cfg.eval_fraction, train_cfg.seed)
+    stream = streams(data_cfg)
+    train_raw, eval_raw = _raw_records(data_cfg, train_cfg.seed, stream)
     transform = corruption(objective, tokenizer, model_name, train_cfg)
-    train = encode_corpus(train_raw, tokenizer, data_cfg, objective)
-    evald = encode_corpus(eval_raw, tokenizer, data_cfg, objective) if eval_raw is not None else None
+    train = encode_corpus(train_raw, tokenizer, data_cfg, objective, stream)
+    evald = None
+    if eval_raw is not None:
+        evald = encode_corpus(eval_raw, tokenizer, data_cfg, objective, stream)
     if isinstance(transform, SpanCorruption):
         for part in (train, evald):
             if part is not None:
@@ -246,32 +355,42 @@ def load_corpus(
     if isinstance(
         transform, Masking
     ):  # expected per epoch: the chosen share of the tokens that can be chosen
-        maskable = sum(int((~np.isin(e["input_ids"], transform.special_ids)).sum()) for e in train.examples)
+        maskable = sum(int((~np.isin(a, transform.special_ids)).sum()) for a in _id_arrays(train))
         train.stats["supervised_tokens"] = round(maskable * transform.probability)
     elif isinstance(transform, SpanCorruption):  # exact: the targets' lengths depend only on the blocks'
-        counts = (
-            span_counts(len(e["input_ids"]), transform.density, transform.mean_span) for e in train.examples
-        )
+        counts = (span_counts(int(n), transform.density, transform.mean_span) for n in _lengths(train))
         train.stats["supervised_tokens"] = sum(noise + spans + 1 for noise, spans in counts)
     if transform is not None and evald is not None:
-        evald.examples = [transform(e, 0, i, EVAL) for i, e in enumerate(evald.examples)]
+        _corrupt_once(evald, transform)
         evald.stats["supervised_tokens"] = sum(sum(1 for v in e["labels"] if v >= 0) for e in evald.examples)
     return Corpus(train.examples, train.stats, None, transform), evald
+
+
+def _id_arrays(data: EncodedData) -> Iterator[np.ndarray]:
+    ex = data.examples
+    if isinstance(ex, BlockStore):
+        yield from ex.arrays()
+    else:
+        yield from (np.asarray(e["input_ids"], dtype=np.int64) for e in ex)
 
 
 def eval_corpus(data_cfg: Any, tokenizer: Any, model_name: str, train_cfg: Any) -> EncodedData:
     """One text file's blocks as evaluation sees them (corrupted once, on the eval stream): `sftlab eval` of a
     self-supervised run."""
     objective = train_cfg.objective
-    raw = read_records(
-        data_cfg.train, data_cfg.columns, data_cfg.limit, getattr(data_cfg, "documents", "line")
-    )
-    if not raw:
-        raise DataError(f"{data_cfg.train}: no records")
-    data = encode_corpus(raw, tokenizer, data_cfg, objective)
+    stream = streams(data_cfg)
+    if stream:
+        raw: Iterable[RawRecord] = _Records(data_cfg.train, data_cfg)
+    else:
+        raw = read_records(
+            data_cfg.train, data_cfg.columns, data_cfg.limit, getattr(data_cfg, "documents", "line")
+        )
+        if not raw:
+            raise DataError(f"{data_cfg.train}: no records")
+    data = encode_corpus(raw, tokenizer, data_cfg, objective, stream)
     transform = corruption(objective, tokenizer, model_name, train_cfg)
     if isinstance(transform, SpanCorruption):
         check_sentinels(data, transform, data_cfg.max_length)
     if transform is not None:
-        data.examples = [transform(e, 0, i, EVAL) for i, e in enumerate(data.examples)]
+        _corrupt_once(data, transform)
     return data

@@ -19,7 +19,7 @@ batches run in, and a resumed run re-draws exactly what the interrupted one drew
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -40,9 +40,13 @@ def example_rng(seed: int, epoch: int, index: int, stream: int = TRAIN) -> np.ra
 def blocks(docs: Iterable[Sequence[int]], size: int) -> list[list[int]]:
     """The documents' tokens, concatenated, cut into blocks of `size` (the last one shorter when the total does not
     divide): concatenating the blocks gives back the concatenated documents exactly."""
+    return list(iter_blocks(docs, size))
+
+
+def iter_blocks(docs: Iterable[Sequence[int]], size: int) -> Iterator[list[int]]:
+    """`blocks`, one at a time, as the documents arrive: a streamed corpus holds one block in hand, not all."""
     if size < 1:
         raise ValueError(f"block size must be >= 1 (got {size})")
-    out: list[list[int]] = []
     cur: list[int] = []
     for doc in docs:
         pos = 0
@@ -51,11 +55,10 @@ def blocks(docs: Iterable[Sequence[int]], size: int) -> list[list[int]]:
             cur.extend(doc[pos : pos + take])
             pos += take
             if len(cur) == size:
-                out.append(cur)
+                yield cur
                 cur = []
     if cur:
-        out.append(cur)
-    return out
+        yield cur
 
 
 def mlm_mask(

@@ -19,8 +19,9 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -73,13 +74,28 @@ def read_records(
 ) -> list[RawRecord]:
     """All records under `path` (first `limit` if given), with `columns` renames applied (new name: old name);
     `documents`: how a .txt file splits into records (line | paragraph | file)."""
-    out: list[RawRecord] = []
+    return list(iter_records(path, columns, limit, documents, stream=False))
+
+
+def iter_records(
+    path: str | Path,
+    columns: dict[str, str] | None = None,
+    limit: int | None = None,
+    documents: str = "line",
+    stream: bool = True,
+) -> Iterator[RawRecord]:
+    """read_records' records one at a time. With `stream`, .txt (line, paragraph) and .jsonl files are read line by
+    line, never whole, so a corpus of any size passes through in constant memory (the same records, the same
+    errors); .csv/.tsv always stream; .json, .parquet and `documents: file` are read whole."""
+    n = 0
+    if limit is not None and limit <= 0:
+        return
     for f in list_files(path):
-        for rec in _read_file(f, columns or {}, documents):
-            out.append(_rename(rec, columns or {}))
-            if limit is not None and len(out) >= limit:
-                return out
-    return out
+        for rec in _read_file(f, columns or {}, documents, stream):
+            yield _rename(rec, columns or {})
+            n += 1
+            if limit is not None and n >= limit:
+                return
 
 
 def _rename(rec: RawRecord, columns: dict[str, str]) -> RawRecord:
@@ -98,19 +114,49 @@ def _rename(rec: RawRecord, columns: dict[str, str]) -> RawRecord:
     return RawRecord(rec.where, fields)
 
 
-def _read_file(f: Path, columns: dict[str, str], documents: str = "line") -> Iterator[RawRecord]:
+def _read_file(
+    f: Path, columns: dict[str, str], documents: str = "line", stream: bool = False
+) -> Iterator[RawRecord]:
     try:
-        yield from _read_any(f, columns, documents)
+        yield from _read_any(f, columns, documents, stream)
     except UnicodeDecodeError as e:
-        raise DataError(
-            f"{f}: not UTF-8 text ({e.reason} at byte {e.start}); convert it first, e.g. iconv -f latin1 -t utf-8"
-        ) from None
+        raise _not_utf8(f, e.reason, e.start) from None
 
 
-def _read_any(f: Path, columns: dict[str, str], documents: str = "line") -> Iterator[RawRecord]:
+def _not_utf8(f: Path, reason: str, byte: int) -> DataError:
+    return DataError(
+        f"{f}: not UTF-8 text ({reason} at byte {byte}); convert it first, e.g. iconv -f latin1 -t utf-8"
+    )
+
+
+def _lines(f: Path, stream: bool) -> Iterator[str] | list[str]:
+    """The file's lines as str.splitlines() of its whole text (UTF-8, a BOM dropped) gives them; with `stream`, read
+    a line at a time (the same lines: splitlines of each \n-ended piece; the same error, at the same byte)."""
+    if not stream:
+        return f.read_text(encoding="utf-8-sig").splitlines()
+    return _stream_lines(f)
+
+
+def _stream_lines(f: Path) -> Iterator[str]:
+    pos = 0  # bytes read after the BOM: where a decoding error is, as read_text reports it
+    with f.open("rb") as fh:
+        for i, raw in enumerate(fh):
+            if i == 0 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _not_utf8(f, e.reason, pos + e.start) from None
+            pos += len(raw)
+            yield from text.splitlines()
+
+
+def _read_any(
+    f: Path, columns: dict[str, str], documents: str = "line", stream: bool = False
+) -> Iterator[RawRecord]:
     suffix = f.suffix.lower()
     if suffix == ".jsonl":
-        yield from _read_jsonl(f, f.read_text(encoding="utf-8-sig"))
+        yield from _read_jsonl(f, _lines(f, stream))
     elif suffix == ".json":
         yield from _read_json(f)
     elif suffix in (".csv", ".tsv"):
@@ -120,7 +166,7 @@ def _read_any(f: Path, columns: dict[str, str], documents: str = "line") -> Iter
     elif suffix == ".label":
         yield from _read_label(f)
     else:
-        yield from _read_txt(f, documents)
+        yield from _read_txt(f, documents, stream)
 
 
 def _object(f: Path, line: int, value: Any) -> RawRecord:
@@ -129,8 +175,8 @@ def _object(f: Path, line: int, value: Any) -> RawRecord:
     return RawRecord(f"{f}:{line}", value)
 
 
-def _read_jsonl(f: Path, text: str) -> Iterator[RawRecord]:
-    for i, line in enumerate(text.splitlines(), start=1):
+def _read_jsonl(f: Path, lines: Iterable[str]) -> Iterator[RawRecord]:
+    for i, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
@@ -147,7 +193,7 @@ def _read_json(f: Path) -> Iterator[RawRecord]:
     if start == len(text):
         return
     if text[start] != "[":
-        yield from _read_jsonl(f, text)
+        yield from _read_jsonl(f, text.splitlines())
         return
     decoder = json.JSONDecoder()
     pos, line = start + 1, text.count("\n", 0, start) + 1
@@ -225,15 +271,16 @@ def _read_parquet(f: Path) -> Iterator[RawRecord]:
         yield RawRecord(f"{f}:{i}", row)
 
 
-def _read_txt(f: Path, documents: str = "line") -> Iterator[RawRecord]:
-    text = f.read_text(encoding="utf-8-sig")
+def _read_txt(f: Path, documents: str = "line", stream: bool = False) -> Iterator[RawRecord]:
     if documents == "file":
+        text = f.read_text(encoding="utf-8-sig")
         if text.strip():
             yield RawRecord(f"{f}:1", {"text": text})
         return
     para: list[str] = []
     start = 0
-    for i, line in enumerate([*text.splitlines(), ""], start=1):  # a last blank line ends the last paragraph
+    lines = chain(_lines(f, stream), [""])  # a last blank line ends the last paragraph
+    for i, line in enumerate(lines, start=1):
         if documents == "line" and line.strip():
             yield RawRecord(f"{f}:{i}", {"text": line})
         elif documents == "paragraph" and line.strip():

@@ -8,6 +8,8 @@ used. Methods that prepend virtual tokens (prompt, P-tuning, prefix) cannot hono
 
 from __future__ import annotations
 
+from itertools import islice
+
 import torch
 from torch import nn
 
@@ -19,7 +21,8 @@ PROBE_LEN = 6
 @torch.no_grad()
 def packed_rows_isolated(model: nn.Module, examples: list[dict]) -> tuple[bool, str]:
     """(ok, reason): does the second of two packed examples see exactly what it sees alone?"""
-    seqs = [e["input_ids"][:PROBE_LEN] for e in examples if len(e["input_ids"]) >= 2][:2]
+    # the first two examples of 2+ tokens, stopping there (a streamed corpus is not read through)
+    seqs = list(islice((e["input_ids"][:PROBE_LEN] for e in examples if len(e["input_ids"]) >= 2), 2))
     if len(seqs) < 2:
         return False, "not enough examples to check packing"
     was_training = model.training

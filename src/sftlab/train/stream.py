@@ -39,7 +39,11 @@ class BatchStream:
 
     def __post_init__(self) -> None:
         t = self.transform
-        self.lengths = [t.length(ex) for ex in self.examples] if t else example_lengths(self.examples)
+        known = getattr(self.examples, "lengths", None)  # a streamed corpus's blocks (data/blockstore.py)
+        if known is not None:  # their lengths, without reading every block back from disk
+            self.lengths = [t.length_of(int(n)) if t else int(n) for n in known]
+        else:
+            self.lengths = [t.length(ex) for ex in self.examples] if t else example_lengths(self.examples)
 
     def epoch(self, epoch: int) -> list[list[int]]:
         """The micro-batches (example indices) of one epoch, in order."""
