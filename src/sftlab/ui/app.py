@@ -168,6 +168,8 @@ def build_app(runs_root: str = "runs", state_dir: str = ".sftlab-ui", cwd: str |
             job = manager.get(path)
             view = rundirs.load_view(path)
             state = view.status if job is None else f"{job.status} (run: {view.status})"
+            if job is not None and job.status == "stopped" and view.last_checkpoint is not None:
+                state = f"stopped at checkpoint step-{view.last_checkpoint}: Resume continues from it"
             if view.summary and job is not None and not job.running:
                 s = view.summary
                 state = f"{job.status}: {s.get('status')}, {s.get('steps')} steps, train loss {s.get('train_loss')}"
@@ -206,7 +208,7 @@ def build_app(runs_root: str = "runs", state_dir: str = ".sftlab-ui", cwd: str |
         refresh_btn.click(list_runs, [root, picked], [runs_table, picked])
         picked.change(compare, [picked], [compare_curve, eval_rows])
 
-        with gr.Tab("Chat", id="chat"):
+        with gr.Tab("Chat", id="chat") as chat_tab:
             with gr.Row():
                 chat_run = gr.Dropdown([], label="run", allow_custom_value=True, elem_id="chat-run", scale=4)
                 chat_refresh = gr.Button("Refresh", elem_id="chat-refresh", scale=1)
@@ -223,7 +225,7 @@ def build_app(runs_root: str = "runs", state_dir: str = ".sftlab-ui", cwd: str |
                 message = gr.Textbox(label="message", elem_id="chat-input", scale=5)
                 send = gr.Button("Send", variant="primary", elem_id="chat-send", scale=1)
 
-        def chat_runs(folder: str, current: str):
+        def trained_runs(folder: str, current: str):
             names = run_choices(folder, trained_only=True)
             return gr.Dropdown(
                 choices=names, value=current if current in names else (names[0] if names else None)
@@ -245,11 +247,12 @@ def build_app(runs_root: str = "runs", state_dir: str = ".sftlab-ui", cwd: str |
             ]
             return history, ""
 
-        chat_refresh.click(chat_runs, [root, chat_run], [chat_run])
+        chat_refresh.click(trained_runs, [root, chat_run], [chat_run])
+        chat_tab.select(trained_runs, [root, chat_run], [chat_run])  # a run trained since the page loaded
         for trigger in (send.click, message.submit):
             trigger(respond, [chat_run, message, chatbot, max_new, temperature], [chatbot, message])
 
-        with gr.Tab("Export", id="export"):
+        with gr.Tab("Export", id="export") as export_tab:
             gr.Markdown(
                 "Merge a run's adapter into a plain Hugging Face model: `sftlab merge RUN_DIR OUT_DIR`."
             )
@@ -270,6 +273,7 @@ def build_app(runs_root: str = "runs", state_dir: str = ".sftlab-ui", cwd: str |
             return f"$ {jobs.shown([*jobs.CLI, *args])}\n{text}(exit {rc})"
 
         merge_btn.click(merge, [merge_run, merge_out, merge_force], [merge_log])
+        export_tab.select(trained_runs, [root, merge_run], [merge_run])
 
         def on_load():
             trained = run_choices(runs_root, trained_only=True)

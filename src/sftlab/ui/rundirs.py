@@ -139,6 +139,12 @@ class RunView:
             return str(self.summary.get("status", "?"))
         return "unfinished" if self.train else "starting"  # running, stopped or crashed: no summary yet
 
+    @property
+    def last_checkpoint(self) -> int | None:
+        """The newest checkpoint's step (what `--resume` starts from, if it verifies)."""
+        steps = [int(p.name[5:]) for p in (self.path / "checkpoints").glob("step-*") if p.name[5:].isdigit()]
+        return max(steps, default=None)
+
     def row(self, root: Path | None = None) -> dict[str, Any]:
         """One line of the runs table."""
         s = self.summary or {}
