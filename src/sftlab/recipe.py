@@ -7,7 +7,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
 import resource
 import time
@@ -31,7 +33,9 @@ from .quant import weight_memory
 from .rundir import check_run_dir, owned_entries, started_run
 from .runs import method_of, save_final
 from .threads import choose_threads
+from .train import distributed
 from .train.checkpoint import list_checkpoints
+from .train.device import resolve_device
 from .train.loop import Trainer, TrainingDiverged
 from .train.task_eval import TaskEval, summary_rows, task_specs
 
@@ -164,6 +168,10 @@ def prepare(cfg: RunConfig, log=print):
     return model, tokenizer, train_data, eval_data
 
 
+def run_dir_of(cfg: RunConfig) -> Path:
+    return Path(cfg.train.output_dir)
+
+
 def resume_mode(cfg: RunConfig, resume: bool, resume_or_start: bool, overwrite: bool) -> tuple[bool, bool]:
     """(resume, overwrite) for this run: `--resume` needs a checkpoint to resume from; `--resume-or-start` resumes
     when there is one and otherwise starts over (replacing a run that never wrote one, not a finished run)."""
@@ -204,6 +212,24 @@ def train(
     checkpoint that verifies (RunDirError when it has none); `resume_or_start` resumes when there is a checkpoint
     and starts over otherwise."""
     t_start = time.perf_counter()
+    # torchrun: join the process group first (rank 0 alone writes the run directory; train/distributed.py)
+    joined = distributed.initialized()
+    local = distributed.env_world()[2]
+    dist = distributed.setup(
+        cfg.train.distributed, resolve_device(cfg.train.device, local), cfg.train.dist_timeout_s
+    )
+    try:
+        return _train(cfg, resume, overwrite, log if dist.main else _quiet, resume_or_start, dist, t_start)
+    finally:
+        if dist.active and not joined:  # the group this call made (a caller's own group stays)
+            distributed.teardown()
+
+
+def _quiet(*_args) -> None:
+    """The log of ranks other than 0."""
+
+
+def _train(cfg, resume, overwrite, log, resume_or_start, dist, t_start) -> dict:
     resume, overwrite = resume_mode(cfg, resume, resume_or_start, overwrite)
     if resume_or_start:
         where = Path(cfg.train.output_dir) / "checkpoints"
@@ -211,7 +237,11 @@ def train(
             f"--resume-or-start: {'resuming from' if resume else 'no checkpoint, starting a new run in'} {where}"
         )
     check_run_dir(cfg, resume, overwrite)  # refuse before loading anything; nothing is written until fit
-    torch.set_num_threads(choose_threads(cfg.train.threads, log))
+    distributed.barrier(dist, "the run-directory check")  # every rank checked before rank 0 writes
+    threads = choose_threads(cfg.train.threads, log)
+    if dist.active and cfg.train.threads is None:  # the processes on one machine share its cores
+        threads = max(1, threads // int(os.environ.get("LOCAL_WORLD_SIZE", dist.world)))
+    torch.set_num_threads(threads)
     random.seed(cfg.train.seed)
     model, tokenizer, train_data, eval_data = prepare(cfg, log)
     trainable, total = count_parameters(model)
@@ -240,19 +270,34 @@ def train(
         mixture=getattr(train_data, "mixture", None),
         task_eval=task_evaluation(cfg, tokenizer, model),
         transform=getattr(train_data, "transform", None),
+        dist=dist,
     )
+    if dist.active:
+        log(
+            f"distributed: {dist.world} processes ({dist.kind}, {distributed.backend_for(trainer.device)}), global "
+            f"batch {cfg.train.batch_size} x {cfg.train.grad_accum} x {dist.world} examples"
+        )
     tasks = describe_mixture(trainer, train_data, log)
     if resume:
         trainer.resume()  # a checkpoint that does not fit this config fails here, before config.yaml changes
     error = None
-    with started_run(cfg, resume, overwrite, log) as run_dir:
+    started = (
+        started_run(cfg, resume, overwrite, log) if dist.main else contextlib.nullcontext(run_dir_of(cfg))
+    )
+    with started as run_dir:
         try:
             state = trainer.fit(resume=resume)
         except TrainingDiverged as e:
             state, error = trainer.state, str(e)
             log(f"error: {e}")
         if state.status in ("completed", "early-stopped"):
-            save_final(model, tokenizer, cfg, run_dir, train_data.label_names)
+            if dist.kind == "fsdp":
+                distributed.unshard(model)  # every rank gathers the whole weights; rank 0 saves them
+            if dist.main:
+                save_final(model, tokenizer, cfg, run_dir, train_data.label_names)
+        distributed.barrier(dist, "saving final/")
+        if not dist.main:
+            return {"status": state.status, "steps": state.step, "rank": dist.rank}
         summary = {
             "status": state.status,
             "error": error,

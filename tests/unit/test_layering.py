@@ -29,7 +29,7 @@ LAYERS = [
     ],  # self-training rounds (teacher -> pseudo-labels -> student), each a run of the recipe
     ["sftlab.quickstart", "sftlab.pipeline", "sftlab.plan"],  # quickstart; stages of runs; the planner
     ["sftlab.ui"],  # the web page over the commands' library code and subprocesses
-    ["sftlab.cli"],  # commands
+    ["sftlab.cli", "sftlab.__main__"],  # commands; `python -m sftlab` (what torchrun starts)
 ]
 
 

@@ -52,7 +52,10 @@ class MetricsCallback(Callback):
 
     def on_fit_start(self, trainer: Trainer) -> None:
         self.progress = Progress(
-            trainer.total_steps, enabled=self.show_progress, log_every=self.log_every, clock=self.clock
+            trainer.total_steps,
+            enabled=self.show_progress and trainer.dist.main,  # distributed: rank 0 shows it
+            log_every=self.log_every,
+            clock=self.clock,
         )
         self.progress.start(trainer.state.step)
 
@@ -74,7 +77,7 @@ class MetricsCallback(Callback):
     def on_fit_end(self, trainer: Trainer) -> None:
         if hasattr(self, "progress"):
             self.progress.stop()
-        if trainer.metrics.path.exists():
+        if trainer.dist.main and trainer.metrics.path.exists():
             plot_loss(trainer.metrics.path, trainer.run_dir / "loss.png")
 
 
@@ -188,7 +191,7 @@ class EvalCallback(Callback):
         return bool(self.patience and s.bad_evals >= self.patience)
 
     def on_fit_end(self, trainer: Trainer) -> None:
-        path = trainer.metrics.path if hasattr(trainer, "metrics") else None
+        path = trainer.metrics.path if hasattr(trainer, "metrics") and trainer.dist.main else None
         if trainer.task_eval is not None and path is not None and path.exists():
             rows = MetricsLog.read(path)
             if any("task" in r and "eval_loss" in r for r in rows):
@@ -222,7 +225,7 @@ class TaskConflictCallback(Callback):
             self._row = None
 
     def on_fit_end(self, trainer: Trainer) -> None:
-        path = trainer.metrics.path if hasattr(trainer, "metrics") else None
+        path = trainer.metrics.path if hasattr(trainer, "metrics") and trainer.dist.main else None
         if path is not None and path.exists():
             plot_conflict(MetricsLog.read(path), trainer.run_dir / "task_conflict.png")
 

@@ -33,6 +33,7 @@ from safetensors.torch import save as save_bytes
 from torch import nn
 
 from ..errors import CheckpointError
+from .distributed import full, like
 
 STATE_FILE = "trainer_state.json"
 WEIGHTS_FILE = "trainable.safetensors"
@@ -56,8 +57,10 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
     scalars: dict[str, dict[str, Any]] = {}
     for idx, st in sd["state"].items():
         for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"{idx}.{k}"] = v.detach().cpu().contiguous().clone()
+            if torch.is_tensor(
+                v
+            ):  # FSDP2: the whole tensor from the shards (every rank calls, in this order)
+                tensors[f"{idx}.{k}"] = full(v.detach()).cpu().contiguous().clone()
             else:
                 scalars.setdefault(str(idx), {})[k] = v
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
@@ -65,9 +68,13 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
 
 def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     state: dict[int, dict[str, Any]] = {}
+    params = [p for g in opt.param_groups for p in g["params"]]  # state_dict's indices, in order
     for key, v in tensors.items():
         idx, _, name = key.partition(".")
-        state.setdefault(int(idx), {})[name] = v
+        ref = params[int(idx)] if int(idx) < len(params) and v.dim() else None
+        state.setdefault(int(idx), {})[name] = (
+            like(v, ref) if ref is not None else v
+        )  # FSDP2: this rank's shard
     for idx, kv in meta.get("scalars", {}).items():
         state.setdefault(int(idx), {}).update(kv)
     # The implementation flags are this run's choice (perf.fused_optimizer), not the checkpoint's: load_state_dict
@@ -128,16 +135,21 @@ def save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     trainer_state: dict,
     keep_last: int,
+    write: bool = True,
 ) -> Path:
     """Write `step-N/` atomically and prune to `keep_last`; refuse (NonFiniteCheckpoint) when a weight or optimizer
-    tensor is not finite, so a kept checkpoint is always one training can continue from."""
-    weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    tensor is not finite, so a kept checkpoint is always one training can continue from. `write=False` (ranks
+    other than 0 of a distributed run) gathers and checks the same tensors and writes nothing."""
+    weights = {n: full(p.detach()).cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     opt_tensors, opt_meta = _optimizer_tensors(optimizer)
     bad = non_finite(weights) + non_finite(opt_tensors)
     if bad:
         raise NonFiniteCheckpoint(
             f"not writing checkpoint step-{step}: {len(bad)} tensors hold NaN/inf (e.g. {', '.join(bad[:3])})"
         )
+    final = ckpt_root / f"step-{step}"
+    if not write:
+        return final
     opt_tensors["__rng_torch"] = torch.get_rng_state()
     state = dict(trainer_state)
     state.update(
@@ -147,7 +159,6 @@ def save_checkpoint(
         rng_python=_jsonable(random.getstate()),
     )
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / f"step-{step}"
     tmp = ckpt_root / f"{TMP_PREFIX}step-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -356,7 +367,7 @@ def apply_checkpoint(
     rng = optim.pop("__rng_torch")
     with torch.no_grad():
         for n, t in weights.items():
-            params[n].copy_(t)
+            params[n].copy_(like(t, params[n]))  # FSDP2: this rank's shard of the whole tensor
     try:
         _load_optimizer(optimizer, optim, ckpt.state["optimizer"])
         scheduler.load_state_dict(ckpt.state["scheduler"])

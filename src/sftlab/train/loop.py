@@ -10,6 +10,7 @@ knows nothing about which method made the trainable parameters.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import time
@@ -24,7 +25,7 @@ from torch import nn
 
 from ..config import PerfConfig, TrainConfig
 from ..data.mixture import Mixture
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from . import patches
 from .callbacks import (
     Callback,
@@ -47,6 +48,7 @@ from .checkpoint import (
 )
 from .conflict import pcgrad, pcgrad_note, task_gradients
 from .device import Precision, resolve_device
+from .distributed import PASS_WEIGHT, Dist, all_sum, barrier, current, no_sync, peers, wrap
 from .eval_loss import eval_loss
 from .metrics import MetricsLog
 from .mixture_stream import make_stream
@@ -54,6 +56,36 @@ from .objective import Objective, count_supervised
 from .optim import build_optimizer, build_scheduler
 from .packing import resolve_packing
 from .task_eval import TaskEval, TaskSpec
+
+
+def _quiet(*_args) -> None:
+    """The log of ranks other than 0."""
+
+
+def _real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Non-pad tokens of a collated pass."""
+    return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+
+
+class _ReadMetrics(MetricsLog):
+    """metrics.jsonl as ranks other than 0 see it: read, never written."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def write(self, row: dict) -> None:
+        pass
+
+
+def _global_batches(cfg: TrainConfig, world: int) -> TrainConfig:
+    """The config the sampler sizes micro-batches by: a distributed run's are global (batch_size x world examples,
+    or max_tokens x world), each rank training on its share."""
+    if world == 1:
+        return cfg
+    update = {"batch_size": cfg.batch_size * world}
+    if cfg.max_tokens:
+        update["max_tokens"] = cfg.max_tokens * world
+    return cfg.model_copy(update=update)
 
 
 class TrainingDiverged(RuntimeError):
@@ -131,15 +163,25 @@ class Trainer:
     task_eval: TaskEval | None = None
     # train.objective mlm/span: (example, epoch, index) -> the corrupted example, re-drawn per epoch (data/corpus.py)
     transform: Callable[[dict, int, int], dict] | None = None
+    # this process's place in a distributed run (train/distributed.py); None: the process group's, if any
+    dist: Dist | None = None
 
     def __post_init__(self) -> None:
         c = self.cfg
         if self.mixture is not None and self.task_eval is None:
             self.task_eval = TaskEval([TaskSpec(name) for name in self.mixture.names])
         weights = self.mixture.loss_weights if self.mixture else None
+        d = self.dist = self.dist or current(c.distributed)
+        if not d.main:
+            self.log = _quiet  # rank 0 speaks for the run
+        if d.active and c.task_balancing is not None:
+            raise ConfigError(
+                f"train.task_balancing: {c.task_balancing} projects whole per-task gradients, which a distributed run "
+                f"({d.world} processes) never holds in one place; drop it or train in one process"
+            )
         # train.device / train.precision (train/device.py): the model moves (pure bf16: is cast) before the
         # optimizer sees its parameters; levers that do not apply on this device or under autocast are off.
-        self.device = resolve_device(c.device)
+        self.device = resolve_device(c.device, d.local_rank if d.active else None)
         self.precision = Precision(c.precision, self.device)
         self.precision.prepare(self.model)
         self.perf = self.precision.perf(self.perf)
@@ -151,13 +193,17 @@ class Trainer:
             self.train_examples,
             self.task,
             self.pad_id,
-            c,
+            _global_batches(c, d.world),
             self.perf,
             self.packing,
             self.mixture,
             self.transform,
+            shard=(d.rank, d.world),
         )
         self.batches_per_epoch = len(self.stream.epoch(0))
+        # what the steps call: the objective, or DDP around it / the objective sharded by FSDP2 (before the
+        # optimizer, which must see FSDP's sharded parameters)
+        self.wrapped = wrap(self.objective, d, self.device)
         if c.max_steps:
             self.total_steps = c.max_steps
         else:
@@ -182,13 +228,12 @@ class Trainer:
     # -- one optimizer step ---------------------------------------------------------------------------
     def train_step(self, passes: list[dict]) -> tuple[float, int, int]:
         """Forward/backward over the passes, normalised by the supervised tokens of all of them."""
+        if self.dist.active:
+            return self._distributed_step(passes)
         n_total = sum(count_supervised(b, self.task) for b in passes)
         if n_total == 0:
             return 0.0, 0, 0
-        real = sum(
-            int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
-            for b in passes
-        )
+        real = sum(_real_tokens(b) for b in passes)
         if self.cfg.task_balancing == "pcgrad" and self.mixture is not None:
             return self._pcgrad_step(passes) / n_total, n_total, real
         loss_sum = 0.0
@@ -198,6 +243,26 @@ class Trainer:
             self.precision.backward(loss / n_total)
             loss_sum += float(loss.detach())
         return loss_sum / n_total, n_total, real
+
+    def _distributed_step(self, passes: list[dict]) -> tuple[float, int, int]:
+        """train_step on this rank's share of the global step: normalised by the global supervised count, each
+        rank's passes accumulated locally and all-reduced (summed) in the backward of its last one."""
+        weights = [float(b.get(PASS_WEIGHT, 1.0)) for b in passes]
+        passes = [{k: v for k, v in b.items() if k != PASS_WEIGHT} for b in passes]
+        n_local = sum(count_supervised(b, self.task) for b, w in zip(passes, weights) if w)
+        real_local = sum(_real_tokens(b) for b, w in zip(passes, weights) if w)
+        n_total, real = (int(x) for x in all_sum([n_local, real_local], self.device, self.dist))
+        if n_total == 0:  # every rank sees it: none runs a backward
+            return 0.0, 0, 0
+        loss_sum = 0.0
+        for i, (batch, w) in enumerate(zip(passes, weights)):
+            with no_sync(self.wrapped, last=i == len(passes) - 1):
+                with self.precision.autocast():
+                    loss = self.wrapped(batch).loss
+                self.precision.backward(loss * w / n_total if w != 1.0 else loss / n_total)
+            loss_sum += w * float(loss.detach())
+        (total,) = all_sum([loss_sum], self.device, self.dist)
+        return total / n_total, n_total, real
 
     def _pcgrad_step(self, passes: list[dict]) -> float:
         """The step's gradient by PCGrad (train/conflict.py), set as the parameters' grad; returns the loss sum."""
@@ -269,7 +334,9 @@ class Trainer:
                     self.scheduler,
                     self.checkpoint_state(),
                     self.cfg.keep_last,
+                    write=self.dist.main,  # a distributed run: rank 0 writes (FSDP: every rank gathers)
                 )
+            barrier(self.dist, f"checkpoint step-{step}")  # no rank runs ahead of a checkpoint being written
         except KeyboardInterrupt:  # Ctrl-C pressed twice: the user gave up on this checkpoint
             self.save_abandoned = True
             raise
@@ -289,7 +356,8 @@ class Trainer:
     def checkpoint_state(self) -> dict:
         """The loop state a checkpoint stores, with fp16-mixed's gradient-scaler state."""
         scaler = self.precision.state_dict()
-        return {**self.state.to_dict(), **({"scaler": scaler} if scaler else {})}
+        world = {"world_size": self.dist.world} if self.dist.active else {}
+        return {**self.state.to_dict(), **({"scaler": scaler} if scaler else {}), **world}
 
     def good_checkpoint_note(self) -> str:
         """Which checkpoint a diverged run can go back to: the newest that verifies (finite, checksums match)."""
@@ -319,9 +387,29 @@ class Trainer:
         self._stale = [p for p in ckpts if step_of(p) > ckpt.step]
         self.state = LoopState(**{k: raw[k] for k in LoopState().to_dict() if k in raw})
         self.state.status = "running"
+        self._check_world(int(raw.get("world_size", 1)))
         newest = "" if not rejected else f" (the newest that verifies; {len(rejected)} newer skipped)"
         self.log(f"resumed from {ckpt.path} (step {self.state.step}, epoch {self.state.epoch}){newest}")
         return True
+
+    def _check_world(self, saved: int) -> None:
+        """A checkpoint of another world size resumes with a warning: the weights, optimizer and step carry over, the
+        global batch becomes batch_size x grad_accum x the new world size, and the data position moves to the same
+        share of the epoch (so about the examples already seen are skipped)."""
+        world = self.dist.world
+        if saved == world:
+            return
+        s = self.state
+        s.batch_idx = s.batch_idx * saved // world
+        msg = (
+            f"the checkpoint was written by {saved} process(es), this run has {world}: the global batch changes "
+            f"from {self.cfg.batch_size * self.cfg.grad_accum * saved} to "
+            f"{self.cfg.batch_size * self.cfg.grad_accum * world} examples and the data order from here differs "
+            "from an uninterrupted run (same epoch, same share of it); resume with the same number of processes "
+            "for an exact continuation"
+        )
+        s.warnings.append(msg)
+        self.log(f"warning: {msg}")
 
     def run_eval(self) -> dict:
         return self.evaluate()[0]
@@ -343,18 +431,33 @@ class Trainer:
         if resume and self.resumed is None:
             self.resume()
         resumed = bool(self.resumed)
-        self._tidy_checkpoints()
-        self.metrics = MetricsLog(
-            self.run_dir / "metrics.jsonl", resume_step=self.state.step if resumed else None
-        )
+        barrier(
+            self.dist, "the start"
+        )  # every rank has read the checkpoint before rank 0 tidies the directory
+        if self.dist.main:
+            self._tidy_checkpoints()
+            self.metrics = MetricsLog(
+                self.run_dir / "metrics.jsonl", resume_step=self.state.step if resumed else None
+            )
+        else:
+            self.metrics = _ReadMetrics(self.run_dir / "metrics.jsonl")
         with patches.applied(self.model, self.perf, malloc=self.precision.malloc):
             self._loop()
         return self.state
 
     def out_of_time(self) -> bool:
         """train.max_time is spent: the steps so far (state.train_time, checkpointed, so summed over resumes) took
-        the budget."""
-        return self.cfg.max_time is not None and self.state.train_time >= self.cfg.max_time
+        the budget. A distributed run stops when any rank's clock says so (all of them at the same step)."""
+        out = self.cfg.max_time is not None and self.state.train_time >= self.cfg.max_time
+        if self.cfg.max_time is not None and self.dist.active:
+            out = all_sum([float(out)], self.device, self.dist)[0] > 0
+        return out
+
+    def _peers(self, what: str):
+        """A distributed run: a collective that fails (a process died or hangs) -> DistributedError naming `what`."""
+        if not self.dist.active:
+            return contextlib.nullcontext()
+        return peers(what, self.dist.rank, keep=(TrainingDiverged,))
 
     def _tidy_checkpoints(self) -> None:
         """Once the run has started: drop what interrupted writes left, and the checkpoints newer than the one
@@ -375,10 +478,11 @@ class Trainer:
         try:
             while self.state.step < self.total_steps and not self.should_stop and not self.out_of_time():
                 start = (self.state.epoch, self.state.batch_idx, torch.get_rng_state())
-                result = self.step()
-                start = None
-                for cb in callbacks:
-                    cb.on_step_end(self, result)
+                with self._peers(f"step {self.state.step + 1}"):
+                    result = self.step()
+                    start = None
+                    for cb in callbacks:
+                        cb.on_step_end(self, result)
             if self.should_stop:
                 self.state.status = "early-stopped"
             else:

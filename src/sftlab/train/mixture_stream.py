@@ -48,10 +48,19 @@ class MixtureStream(BatchStream):
 
 
 def make_stream(
-    examples, task, pad_id, cfg, perf, packing, mixture: Mixture | None = None, transform=None
+    examples,
+    task,
+    pad_id,
+    cfg,
+    perf,
+    packing,
+    mixture: Mixture | None = None,
+    transform=None,
+    shard: tuple[int, int] = (0, 1),
 ) -> BatchStream:
     """The run's sampler: the one-task stream (each example rewritten by `transform` if given: a self-supervised
-    objective's corruption), or the mixture's when `data.tasks` made one."""
+    objective's corruption), or the mixture's when `data.tasks` made one. `shard` (rank, world): this process's
+    share of each global micro-batch, which `cfg` sizes (train/distributed.py)."""
     if mixture is None:
-        return BatchStream(examples, task, pad_id, cfg, perf, packing, transform=transform)
-    return MixtureStream(examples, task, pad_id, cfg, perf, packing, mixture=mixture)
+        return BatchStream(examples, task, pad_id, cfg, perf, packing, transform=transform, shard=shard)
+    return MixtureStream(examples, task, pad_id, cfg, perf, packing, mixture=mixture, shard=shard)

@@ -22,6 +22,7 @@ from ..data.batching import (
     example_lengths,
     token_budget_batches,
 )
+from .distributed import PASS_WEIGHT, local_part
 
 
 @dataclass
@@ -34,6 +35,9 @@ class BatchStream:
     packing: bool
     # (example, epoch, index) -> the example to train on, with `.length(example)` its batching cost; None: as is
     transform: Callable[[dict, int, int], dict] | None = field(default=None, kw_only=True)
+    # A distributed run (train/distributed.py): (rank, world). `cfg` then sizes the *global* micro-batches
+    # (batch_size x world) and this rank trains on its share of each.
+    shard: tuple[int, int] = field(default=(0, 1), kw_only=True)
     lengths: list[int] = field(init=False)
     _cached: tuple[int, list[list[int]]] | None = field(default=None, init=False, repr=False)
 
@@ -86,6 +90,15 @@ class BatchStream:
         passes = []
         for _ in range(grad_accum):
             batch = self.next_batch(state)  # state.epoch is now the batch's epoch
+            if self.shard[1] > 1:
+                mine = local_part(batch, *self.shard)
+                if (
+                    not mine
+                ):  # fewer examples than processes: a stand-in pass of weight 0 joins the all-reduce
+                    stand_in = self.collate([self.example(batch[0], state.epoch)])
+                    passes.append({**stand_in, PASS_WEIGHT: torch.zeros(())})
+                    continue
+                batch = mine
             for part in self.split_by_tokens(batch):
                 passes.append(self.collate([self.example(i, state.epoch) for i in part]))
         return passes

@@ -1,0 +1,140 @@
+"""Worker processes for the distributed tests (tests/unit/train/test_distributed.py): each joins a gloo group on
+127.0.0.1 and writes what it measured to a file the test reads. Module-level functions, so `spawn` can start them."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(fn, world: int, *args, timeout_s: float = 120) -> list[int]:
+    """Run fn(rank, world, port, *args) in `world` processes; their exit codes."""
+    port = free_port()
+    ctx = mp.start_processes(fn, args=(world, port, *args), nprocs=world, join=False, start_method="spawn")
+    for p in ctx.processes:
+        p.join(timeout_s)
+    codes = []
+    for p in ctx.processes:
+        if p.is_alive():
+            p.kill()
+            p.join()
+        codes.append(p.exitcode)
+    return codes
+
+
+def _join(rank: int, world: int, port: int, timeout_s: float = 60) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        HF_HUB_OFFLINE="1",
+    )
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        timeout=timedelta(seconds=timeout_s),
+    )  # fmt: skip
+
+
+def _quiet(*_a) -> None:
+    pass
+
+
+def trainer_for(cfg, run_dir: Path):
+    from sftlab.recipe import prepare
+    from sftlab.train.loop import Trainer
+
+    torch.manual_seed(cfg.train.seed)
+    model, tok, data, _ = prepare(cfg, log=_quiet)
+    return Trainer(
+        model=model,
+        cfg=cfg.train,
+        task=cfg.model.task,
+        train_examples=data.examples,
+        pad_id=tok.pad_token_id,
+        run_dir=run_dir,
+        perf=cfg.perf,
+        callbacks=[],
+        log=_quiet,
+        mixture=getattr(data, "mixture", None),
+    )
+
+
+def first_step(cfg, run_dir: Path, steps: int = 1) -> dict:
+    """Loss of each step and the gradients of the last one (before the update), per trainable parameter name."""
+    t = trainer_for(cfg, run_dir)
+    t.wrapped.train()
+    losses = []
+    for i in range(steps):
+        passes = t.stream.next_step(t.state, cfg.train.grad_accum)
+        loss, n, _ = t.train_step(passes)
+        losses.append(loss)
+        if i < steps - 1:
+            t._optimizer_step()
+            t.state.step += 1
+    from sftlab.train.distributed import full
+
+    grads = {
+        name: full(p.grad).detach().clone() for name, p in t.model.named_parameters() if p.grad is not None
+    }
+    return {"losses": losses, "count": n, "grads": grads}
+
+
+def grad_worker(rank: int, world: int, port: int, cases: list, out: str) -> None:
+    """For each (name, cfg): the first step's loss and gradients on this rank, to out/name-rankR.pt."""
+    _join(rank, world, port)
+    try:
+        for name, cfg, steps in cases:
+            res = first_step(cfg, Path(out) / name, steps)
+            torch.save(res, Path(out) / f"{name}-rank{rank}.pt")
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def train_worker(rank: int, world: int, port: int, cfg, out: str, resume: bool, stop: dict | None) -> None:
+    """recipe.train on this rank; `stop`: {"step": N, "how": "interrupt" | "die", "rank": R} ends it there (Ctrl-C
+    on every rank, or rank R's process dying with exit code 3). What happened goes to out/result-rankR.json."""
+    _join(rank, world, port, timeout_s=cfg.train.dist_timeout_s)
+    from sftlab.recipe import train
+    from sftlab.train.loop import Trainer
+
+    if stop:
+        real = Trainer._optimizer_step
+
+        def stopping(self):
+            if self.state.step == stop["step"]:
+                if stop["how"] == "interrupt":
+                    raise KeyboardInterrupt
+                if rank == stop["rank"]:
+                    os._exit(3)
+            return real(self)
+
+        Trainer._optimizer_step = stopping
+    result: dict = {}
+    try:
+        result = {"summary": train(cfg, resume=resume, log=_quiet)}
+    except KeyboardInterrupt:
+        result = {"interrupted": True}
+    except Exception as e:  # noqa: BLE001 - the test reads what was raised
+        result = {"error": type(e).__name__, "message": str(e), "tb": traceback.format_exc()}
+    (Path(out) / f"result-rank{rank}.json").write_text(json.dumps(result, default=str))
+    if dist.is_initialized():
+        dist.destroy_process_group()

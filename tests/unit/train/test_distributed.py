@@ -1,0 +1,168 @@
+"""Data-parallel training (train/distributed.py) on CPU with gloo: 2 processes with a per-rank batch of 4 train
+the model 1 process trains with a batch of 8 (loss and every trainable gradient), checkpoints resume bit for bit,
+a process that dies stops the other with a clear error and leaves the checkpoint intact."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from dist_workers import first_step, grad_worker, spawn, train_worker
+from helpers import make_config
+from safetensors.torch import load_file
+
+from sftlab.train.checkpoint import list_checkpoints, read_checkpoint
+from sftlab.train.distributed import local_part
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="needs gloo"
+)
+
+# name -> (make_config kwargs, steps): every trainable gradient compared after the last step's backward
+CASES = {
+    "full-clm": (dict(), 1),
+    "lora-clm": (dict(method={"name": "lora"}), 1),
+    "full-cls": (dict(task="seq-cls"), 1),
+    "lora-cls": (dict(task="seq-cls", method={"name": "lora"}), 1),
+    "lora-clm-packed": (dict(method={"name": "lora"}, perf={"packing": True}), 1),
+    "full-clm-padded": (dict(perf={"packing": False}), 1),
+    "lora-clm-accum": (dict(method={"name": "lora"}, train={"grad_accum": 2}), 1),
+    "full-clm-3steps": (dict(train={"grad_accum": 2}), 3),  # weights after 2 updates, then the 3rd gradient
+    # 3 examples, global micro-batches of 2: the second (1 example) leaves rank 1 a weight-0 stand-in pass
+    "full-clm-stand-in": (dict(n=3, per_rank=1, train={"grad_accum": 2}), 1),
+}
+
+
+def _cfg(tmp: Path, name: str, **kw):
+    """A batch of per_rank (default 4) examples in each process; n=21: the epoch's last global micro-batch of 8
+    (5 examples) splits 3 + 2."""
+    train = {"batch_size": kw.pop("per_rank", 4), "max_steps": 4, **kw.pop("train", {})}
+    return make_config(tmp / name, model="tiny-llama", n=kw.pop("n", 21), train=train, **kw)
+
+
+@pytest.fixture(scope="module")
+def two_process_grads(tmp_path_factory):
+    """Every case's first-step loss and gradients in 2 processes (batch 4 each), in one spawn."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    cases = [(name, _cfg(tmp, name, **dict(kw)), steps) for name, (kw, steps) in CASES.items()]
+    assert spawn(grad_worker, 2, cases, str(tmp)) == [0, 0]
+    return tmp
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_two_processes_equal_one_with_the_global_batch(two_process_grads, tmp_path, name):
+    kw, steps = CASES[name]
+    one = {**kw, "per_rank": kw.get("per_rank", 4) * 2}  # one process, the global batch
+    ref = first_step(_cfg(tmp_path, name, **one), tmp_path / "run", steps)
+    for rank in (0, 1):
+        got = torch.load(two_process_grads / f"{name}-rank{rank}.pt")
+        assert got["count"] == ref["count"]  # the global supervised count normalises every rank's loss
+        assert got["losses"] == pytest.approx(ref["losses"], rel=1e-5)
+        assert got["grads"].keys() == ref["grads"].keys() and ref["grads"]
+        for n, g in ref["grads"].items():
+            torch.testing.assert_close(
+                got["grads"][n], g, rtol=1e-4, atol=1e-6, msg=f"{name} rank {rank}: {n}"
+            )
+
+
+def test_local_parts_cover_the_global_batch_in_order():
+    for n in range(0, 11):
+        batch = list(range(100, 100 + n))
+        parts = [local_part(batch, r, 3) for r in range(3)]
+        assert sum(parts, []) == batch
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def _run(tmp, world, cfg, resume=False, stop=None):
+    out = tmp / f"out-{len(list(tmp.glob('out-*')))}"
+    out.mkdir()
+    codes = spawn(train_worker, world, cfg, str(out), resume, stop)
+    results = [
+        json.loads(p.read_text()) if p.exists() else None
+        for p in (out / f"result-rank{r}.json" for r in range(world))
+    ]
+    return codes, results
+
+
+def _train_cfg(tmp, name, **train):
+    return make_config(
+        tmp / name,
+        n=24,
+        method={"name": "lora"},
+        train={"max_steps": 6, "save_every": 2, "keep_last": 3, "schedule": "cosine", "warmup_steps": 1,
+               "output_dir": str(tmp / name / "run"), **train},
+    )  # fmt: skip
+
+
+def test_checkpoint_resume_is_bit_identical_and_rank_zero_writes(tmp_path):
+    straight = _train_cfg(tmp_path, "a")
+    codes, res = _run(tmp_path, 2, straight)
+    assert codes == [0, 0], res
+    assert res[0]["summary"]["status"] == "completed" and res[1]["summary"]["rank"] == 1
+    run_a = tmp_path / "a" / "run"
+    assert (run_a / "final").is_dir() and (run_a / "loss.png").is_file()
+    rows = [json.loads(line) for line in (run_a / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]  # one writer: no duplicated rows
+
+    cut = _train_cfg(tmp_path, "b")
+    codes, res = _run(tmp_path, 2, cut, stop={"step": 3, "how": "interrupt"})
+    assert res[0] == {"interrupted": True} and res[1] == {"interrupted": True}
+    assert [p.name for p in list_checkpoints(tmp_path / "b" / "run" / "checkpoints")] == ["step-2", "step-3"]
+    assert read_checkpoint(tmp_path / "b" / "run" / "checkpoints" / "step-3").state["world_size"] == 2
+    codes, res = _run(tmp_path, 2, cut, resume=True)
+    assert codes == [0, 0] and res[0]["summary"]["steps"] == 6, res
+    ref = load_file(str(run_a / "final" / "adapter_model.safetensors"))
+    got = load_file(str(tmp_path / "b" / "run" / "final" / "adapter_model.safetensors"))
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+
+
+def test_a_dead_rank_stops_the_other_and_the_checkpoint_resumes(tmp_path):
+    cfg = _train_cfg(tmp_path, "k", dist_timeout_s=30)
+    # rank 1 dies in step 3's update; rank 0 finishes step 3 and fails in step 4's first all-reduce
+    codes, res = _run(tmp_path, 2, cfg, stop={"step": 2, "how": "die", "rank": 1})
+    assert codes[1] == 3
+    assert res[0]["error"] == "DistributedError", res[0]
+    assert "rank 0: lost the other processes" in res[0]["message"] and "step 4" in res[0]["message"]
+    assert "--resume" in res[0]["message"]
+    ckpts = list_checkpoints(tmp_path / "k" / "run" / "checkpoints")
+    assert [p.name for p in ckpts] == ["step-2"]
+    read_checkpoint(ckpts[-1])  # verifies: checksums, finite tensors
+    assert not list((tmp_path / "k" / "run" / "checkpoints").glob(".tmp-*"))
+    codes, res = _run(tmp_path, 2, cfg, resume=True)
+    assert codes == [0, 0] and res[0]["summary"]["status"] == "completed", res
+
+
+def test_other_world_size_resumes_with_a_warning(tmp_path):
+    cfg = _train_cfg(tmp_path, "w")
+    codes, res = _run(tmp_path, 2, cfg, stop={"step": 2, "how": "interrupt"})
+    assert (tmp_path / "w" / "run" / "checkpoints" / "step-2").is_dir()
+    from sftlab.recipe import train
+
+    summary = train(cfg, resume=True, log=lambda *_: None)
+    assert summary["status"] == "completed"
+    assert any("written by 2 process(es), this run has 1" in w for w in summary["warnings"])
+
+
+def test_nproc_runs_torchrun(tmp_path):
+    """`sftlab train CFG --nproc 2` execs torchrun, whose two processes train one run."""
+    cfg = _train_cfg(tmp_path, "t", max_steps=2, save_every=None)
+    from sftlab.config import save_config
+
+    save_config(cfg, tmp_path / "cfg.yaml")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(
+        [sys.executable, "-m", "sftlab", "train", str(tmp_path / "cfg.yaml"), "--nproc", "2"],
+        capture_output=True, text=True, env=env, timeout=240,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "distributed: 2 processes (ddp, gloo)" in p.stdout
+    assert p.stdout.count("completed: 2 steps") == 1  # rank 0 reports
+    summary = json.loads((tmp_path / "t" / "run" / "summary.json").read_text())
+    assert summary["status"] == "completed"
