@@ -33,7 +33,7 @@ def test_find_runs_nested_but_not_inside_a_run(tmp_path):
 
 def test_metrics_of_a_run_being_written(tmp_path):
     run = _run(tmp_path / "r", [{"step": 1, "loss": 3.0}, {"step": 1, "eval_loss": 2.5, "eval_tokens": 9},
-                                {"step": 2, "loss": 2.0}])  # fmt: skip
+                                {"step": 2, "loss": 2.0}, {"step": 2, "task": "a", "eval_loss": 9.0}])  # fmt: skip
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "lo')  # the trainer is mid-line
     train, evals = rundirs.read_metrics(run)
@@ -63,7 +63,8 @@ def test_summary_wins_over_metrics(tmp_path):
 
 def test_eval_table_lines_up_runs(tmp_path):
     a = _run(tmp_path / "a", eval={"bleu": 61.6, "exact": {"match": 0.5}, "n": 80})
-    b = _run(tmp_path / "b", eval={"bleu": 9.0, "rouge_l": 0.4}, quickstart={"after": {"exact": 1.0}})
+    b = _run(tmp_path / "b", eval={"bleu": 9.0, "rouge_l": 0.4, "model": "x", "greedy": True},
+             quickstart={"after": {"exact": 1.0}, "examples": [{"score": 1.0}, {"score": 0.0}]})  # fmt: skip
     _run(tmp_path / "c", summary={"status": "completed"})
     header, rows = rundirs.eval_table([a, b, tmp_path / "c"], tmp_path)
     assert header == ["metric", "a", "b", "c"]
@@ -74,8 +75,9 @@ def test_eval_table_lines_up_runs(tmp_path):
 
 
 def test_flatten():
-    assert rundirs.flatten({"a": {"b": 1}, "c": [1, 2], "d": [{"x": 1}, {"x": 2}]}) == {
-        "a.b": 1, "c": "1, 2", "d.0.x": 1, "d.1.x": 2}  # fmt: skip
+    data = {"a": {"b": 1}, "c": [1, 2], "d": [{"x": 1}, {"x": 2}]}
+    assert rundirs.flatten(data) == {"a.b": 1, "c": "1, 2", "d.0.x": 1, "d.1.x": 2}
+    assert rundirs.flatten(data, records=False) == {"a.b": 1, "c": "1, 2"}
 
 
 def test_curves_figure_draws_train_and_eval_per_run(tmp_path):

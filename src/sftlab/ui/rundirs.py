@@ -58,7 +58,7 @@ def _mtime(run: Path) -> float:
 
 
 def read_metrics(run: str | Path) -> tuple[list[dict], list[dict]]:
-    """(train rows, eval rows) of metrics.jsonl; a line being written (no newline yet, or not JSON) is skipped."""
+    """(train rows, overall eval rows) of metrics.jsonl; a line being written (not JSON yet) is skipped."""
     path = Path(run) / "metrics.jsonl"
     train: list[dict] = []
     evals: list[dict] = []
@@ -75,8 +75,10 @@ def read_metrics(run: str | Path) -> tuple[list[dict], list[dict]]:
             continue
         if isinstance(row.get("loss"), (int, float)):
             train.append(row)
-        elif isinstance(row.get("eval_loss"), (int, float)):
-            evals.append(row)
+        elif (
+            isinstance(row.get("eval_loss"), (int, float)) and "task" not in row
+        ):  # a multi-task run's per-task
+            evals.append(row)  # rows (data.tasks) stand beside the overall one: the curve shows the overall
     return train, evals
 
 
@@ -107,15 +109,16 @@ def eval_files(run: str | Path) -> list[Path]:
     return sorted(p for p in run.glob("*.json") if p.name.startswith("eval") or p.name == "quickstart.json")
 
 
-def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested JSON -> {"a.b.c": scalar}; lists of scalars are joined, lists of objects numbered."""
+def flatten(data: Any, prefix: str = "", records: bool = True) -> dict[str, Any]:
+    """Nested JSON -> {"a.b.c": scalar}; lists of scalars are joined, lists of objects numbered (or, with
+    `records=False`, left out: per-example rows are not a metric)."""
     out: dict[str, Any] = {}
     if isinstance(data, dict):
         for k, v in data.items():
-            out.update(flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}.", records))
     elif isinstance(data, list) and data and all(isinstance(x, dict) for x in data):
-        for i, v in enumerate(data):
-            out.update(flatten(v, f"{prefix}{i}."))
+        for i, v in enumerate(data if records else []):
+            out.update(flatten(v, f"{prefix}{i}.", records))
     elif isinstance(data, list):
         out[prefix.rstrip(".")] = ", ".join(str(x) for x in data)
     else:
@@ -182,7 +185,8 @@ def summaries_table(views: list[RunView], root: Path | None = None) -> list[list
 
 
 def eval_table(runs: list[Path], root: Path | None = None) -> tuple[list[str], list[list[Any]]]:
-    """Evaluation results side by side: (header, rows); a row per `file: metric`, a column per run."""
+    """Evaluation results side by side: (header, rows); a row per `file: metric` (every number in the file except
+    per-example records), a column per run."""
     names = [str(r.relative_to(root)) if root and r.is_relative_to(root) else str(r) for r in runs]
     cells: dict[str, dict[int, Any]] = {}
     for i, run in enumerate(runs):
@@ -190,8 +194,8 @@ def eval_table(runs: list[Path], root: Path | None = None) -> tuple[list[str], l
             data = read_json(f)
             if data is None:
                 continue
-            for key, value in flatten(data).items():
-                if isinstance(value, (int, float, str, bool)) or value is None:
+            for key, value in flatten(data, records=False).items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):  # metrics, not settings
                     cells.setdefault(f"{f.stem}: {key}", {})[i] = _round(value)
     rows = [[key, *(by_run.get(i) for i in range(len(runs)))] for key, by_run in cells.items()]
     return ["metric", *names], rows
