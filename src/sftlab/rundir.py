@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from .config import RunConfig, dump_config, load_config, save_config
-from .errors import RunDirError
+from .errors import RunDirError, SftlabError
 from .train.checkpoint import STATE_FILE, list_checkpoints
 
 MANIFEST = ".sftlab-run.json"
@@ -89,6 +89,10 @@ def config_changes(run_dir: Path, cfg: RunConfig) -> list[tuple[str, Any, Any]]:
     if not saved.is_file():
         return []
     have = yaml.safe_load(saved.read_text()) or {}
+    try:  # read as this version reads it: a key added since (at its default) is no change
+        have = yaml.safe_load(dump_config(load_config(saved, migrate=True))) or {}
+    except SftlabError:
+        pass  # a saved config this version refuses: compare it as written
     return sorted(_differences(have, yaml.safe_load(dump_config(cfg)) or {}))
 
 
