@@ -97,6 +97,24 @@ class SelfTrainConfig(StrictModel):
     max_new_tokens: int = Field(
         64, gt=0, description="Generation tasks: the longest answer the teacher writes for a prompt."
     )
+    agreement_samples: int = Field(
+        0,
+        ge=0,
+        description="Generation tasks: also sample this many answers per prompt (at agreement_temperature, seeded "
+        "by train.seed, the round and the batch) and keep a pseudo-label only when the share of samples equal to "
+        "the greedy answer after normalisation (lower case, punctuation, articles and extra spaces dropped) is at "
+        "least min_agreement; the share is recorded per row (pseudo.jsonl `agreement`). Costs k more generations "
+        "per prompt. 0: off.",
+    )
+    agreement_temperature: float = Field(
+        1.0, gt=0, description="Sampling temperature of the agreement samples."
+    )
+    min_agreement: float = Field(
+        0.5,
+        ge=0.0,
+        le=1.0,
+        description="With agreement_samples: the least share of samples that must agree with the greedy answer.",
+    )
     batch_size: int = Field(32, gt=0, description="Prompts per teacher forward/generation batch.")
 
     @field_validator("unlabelled", "teacher")
@@ -130,6 +148,11 @@ def split_config(raw: dict, source: str, trust_remote_code: bool) -> tuple[RunCo
     rest = {k: v for k, v in raw.items() if k != SECTION}
     st = parse_self_train(raw[SECTION], source)
     cfg = require_remote_code_flag(build_config(rest, source), trust_remote_code, source)
+    if st.agreement_samples and cfg.model.task == "seq-cls":
+        raise ConfigError(
+            f"{source}: {SECTION}.agreement_samples: {st.agreement_samples}: agreement of sampled answers is for "
+            "generation tasks; a seq-cls teacher's confidence is its softmax probability (use threshold). Drop the key"
+        )
     return cfg, st
 
 

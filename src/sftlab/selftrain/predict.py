@@ -5,7 +5,11 @@ prompt, cut at the first EOS or end-of-turn token (its text also at an end-of-tu
 per-task evaluation reads answers), scored by the mean log-probability the teacher gives its tokens (the stop token
 included) in one teacher-forced pass; confidence = exp(that mean), the tokens' geometric-mean probability. An answer that does not
 end within max_new_tokens, or is empty, is kept out (`reason`), as is a prompt that leaves no room in
-data.max_length for an answer.
+data.max_length for an answer. With an `Agreement` (self_train.agreement_samples), k more answers are sampled per
+prompt and `agreement` is the share of them equal to the greedy one after normalisation (scores.normalize_answer:
+the same answer written a little differently agrees); an answer below `minimum` is kept out too. The samples are
+drawn under torch's RNG seeded by (the agreement's key, the batch's first pool index, the sample), inside a forked
+RNG: the same pool, teacher and seed draw the same samples, and no other draw in the process moves.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,6 +27,7 @@ from ..data import RawRecord, collate, encode_prompt, parse_record
 from ..data.encode import Encoder
 from ..data.formats import as_chat, as_pair
 from ..generate import Answers, generate_ids
+from ..scores import normalize_answer
 from .rows import RESPONSE_FIELD
 
 SCORE_BATCH = 8
@@ -35,6 +41,23 @@ class Prediction:
     confidence: float
     mean_logprob: float | None = None  # generation
     reason: str | None = None  # why it cannot be kept (unfinished, empty, too-long prompt); None: it can
+    agreement: float | None = None  # generation with Agreement: share of samples equal to the greedy answer
+
+
+LOW_AGREEMENT = "samples disagree (agreement below self_train.min_agreement)"
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """Self-consistency filter of generated pseudo-labels: `samples` answers per prompt at `temperature`."""
+
+    samples: int
+    temperature: float
+    minimum: float
+    key: tuple[int, ...]  # seeds the samples (train.seed, round)
+
+    def seed(self, first: int, sample: int) -> int:
+        return int(np.random.SeedSequence([*self.key, first, sample, 0xA9]).generate_state(1)[0])
 
 
 @torch.no_grad()
@@ -127,10 +150,37 @@ def _cut(row: list[int], answers: Answers, seq2seq: bool) -> tuple[list[int], bo
     return (row, False) if end is None else (row[: end + 1], True)
 
 
+def _agreements(
+    model: nn.Module, tokenizer, prompts: list[list[int]], greedy: list[str], agreement: Agreement, first: int,
+    max_new_tokens: int, answers: Answers, seq2seq: bool,
+) -> list[float]:  # fmt: skip
+    """Per prompt, the share of `agreement.samples` sampled answers (finished ones) equal to its greedy answer."""
+    want = [normalize_answer(g) for g in greedy]
+    votes = [0] * len(prompts)
+    device = next(model.parameters()).device
+    for s in range(agreement.samples):
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(agreement.seed(first, s))
+            rows = generate_ids(
+                model, tokenizer, prompts, max_new_tokens, agreement.temperature, len(prompts)
+            )
+        for j, row in enumerate(rows):
+            tokens, ended = _cut(row, answers, seq2seq)
+            votes[j] += ended and normalize_answer(answers.text(tokens)) == want[j]
+    return [v / agreement.samples for v in votes]
+
+
 def generate_answers(
-    model: nn.Module, tokenizer, data: DataConfig, pool: list[RawRecord], max_new_tokens: int, batch_size: int
+    model: nn.Module,
+    tokenizer,
+    data: DataConfig,
+    pool: list[RawRecord],
+    max_new_tokens: int,
+    batch_size: int,
+    agreement: Agreement | None = None,
 ) -> list[Prediction]:
-    """Each prompt's greedy answer with its mean token log-probability; `reason` says why one cannot be kept."""
+    """Each prompt's greedy answer with its mean token log-probability (and, with `agreement`, the share of sampled
+    answers that agree with it); `reason` says why one cannot be kept."""
     seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     answers = Answers(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -154,14 +204,20 @@ def generate_answers(
                 model, [ids[idx[j]] for j in part], [cuts[j][0] for j in part], pad, seq2seq
             )
             by_j.update(zip(part, logps))
+        texts = [answers.text(tokens) for tokens, _ in cuts]
+        agree = None
+        if agreement is not None:
+            agree = _agreements(model, tokenizer, [ids[i] for i in idx], texts, agreement, idx[0], max_new_tokens,
+                                answers, seq2seq)  # fmt: skip
         for j, i in enumerate(idx):
-            tokens, finished = cuts[j]
-            text = answers.text(tokens)
+            finished, text = cuts[j][1], texts[j]
             lp = by_j.get(j)
             mean = sum(lp) / len(lp) if lp else None
             reason = None if finished else f"no end (EOS) within {max_new_tokens} new tokens"
             if finished and not text:
                 reason = "empty answer"
+            if reason is None and agree is not None and agree[j] < agreement.minimum:
+                reason = LOW_AGREEMENT
             conf = math.exp(mean) if mean is not None else 0.0
-            out[i] = Prediction(i, None, text, conf, mean, reason)
+            out[i] = Prediction(i, None, text, conf, mean, reason, agree[j] if agree is not None else None)
     return out  # type: ignore[return-value]

@@ -41,7 +41,7 @@ from ..rundir import config_changes, describe_changes
 from ..runs import load_run
 from .config import SECTION, SelfTrainConfig
 from .plot import plot_rounds
-from .predict import Prediction, classify, generate_answers
+from .predict import Agreement, Prediction, classify, generate_answers
 from .rows import (
     RESPONSE_FIELD,
     check_columns,
@@ -262,11 +262,19 @@ def pseudo_label(job: SelfTraining, r: int, teacher: Path, pool: list[RawRecord]
                       st.top_k_per_class, shares)  # fmt: skip
         meta["labelled_per_class"] = dict(zip(names, counts))
     else:
-        preds = generate_answers(model, tok, data, pool, st.max_new_tokens, st.batch_size)
+        agreement = None
+        if st.agreement_samples:
+            agreement = Agreement(st.agreement_samples, st.agreement_temperature, st.min_agreement,
+                                  (job.cfg.train.seed, r))  # fmt: skip
+        preds = generate_answers(model, tok, data, pool, st.max_new_tokens, st.batch_size, agreement)
         usable = [p.reason is None for p in preds]
         kept = select([0] * len(preds), [p.confidence for p in preds], 1, st.threshold, st.top_k_per_class,
                       [1.0], usable)  # fmt: skip
         meta["not_usable"] = dict(Counter(p.reason for p in preds if p.reason))
+        if agreement is not None:
+            meta["agreement"] = {"samples": agreement.samples, "temperature": agreement.temperature,
+                                 "min_agreement": agreement.minimum,
+                                 "mean_kept": sum(preds[i].agreement for i in kept) / len(kept) if kept else None}  # fmt: skip
     meta.update(_counts(preds, kept, names, st.threshold))
     rows, train_rows = [], [source_row(rec.fields, data, _extra(job)) for rec in labelled]
     for i in kept:
@@ -296,7 +304,8 @@ def _extra(job: SelfTraining) -> tuple[str, ...]:
 
 
 def _logprob(p: Prediction) -> dict:
-    return {"mean_logprob": p.mean_logprob} if p.mean_logprob is not None else {}
+    out = {"mean_logprob": p.mean_logprob} if p.mean_logprob is not None else {}
+    return {**out, "agreement": p.agreement} if p.agreement is not None else out
 
 
 def _counts(preds: list[Prediction], kept: list[int], names: list[str] | None, threshold: float) -> dict:
