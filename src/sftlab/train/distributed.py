@@ -130,7 +130,7 @@ def peers(what: str, rank: int = 0, keep: tuple[type[BaseException], ...] = ()) 
     except (SftlabError, *keep):
         raise
     except (RuntimeError, dist.DistError) as e:
-        if not (dist.is_available() and dist.is_initialized()):
+        if not (dist.is_available() and dist.is_initialized()) or not _peer_failure(e):
             raise
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise DistributedError(
@@ -139,6 +139,17 @@ def peers(what: str, rank: int = 0, keep: tuple[type[BaseException], ...] = ()) 
         ) from e
     finally:
         _within.pop()
+
+
+_PEER_SIGNS = ("connection", "timed out", "timeout", "peer", "broken pipe", "socket", "abort")
+
+
+def _peer_failure(e: BaseException) -> bool:
+    """A collective that failed because another process is gone or silent (not a bug of this one)."""
+    if isinstance(e, (dist.DistNetworkError, dist.DistStoreError)):
+        return True
+    text = str(e).lower()
+    return any(sign in text for sign in _PEER_SIGNS)
 
 
 def all_sum(values: list[float], device: torch.device, d: Dist) -> list[float]:
@@ -214,8 +225,9 @@ def shard_fsdp(objective: nn.Module, device: torch.device) -> nn.Module:
     for unit in units:
         fully_shard(unit, mesh=mesh, reshard_after_forward=unit is not objective)
     for unit in units:
-        # gradient divide factor 1: reduce-scatter sums instead of averaging
+        # gradient divide factor 1: reduce-scatter sums instead of averaging, as a plain SUM (gloo has no PREMUL_SUM)
         unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)
     return objective
 
 
