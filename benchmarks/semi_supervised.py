@@ -23,6 +23,10 @@ Heavy: take the benchmark lock so two benchmarks never share the cores:
   flock /tmp/sftlab-bench.lock .venv/bin/python -m benchmarks.semi_supervised
   flock /tmp/sftlab-bench.lock .venv/bin/python -m benchmarks.semi_supervised --seeds 0 --pool 1000   # a quick look
 
+`--task trec`: the same on TREC's 6 coarse question classes (../shared/data/trec/train_5500.label, one file: a seeded
+500-question slice is dev, the rest in a seeded order gives the labelled rows and the pool), e.g.
+`--task trec --labelled 120 --dev 500 --threshold 0.7 --top-k 250 --work runs/bench-semi-supervised-trec`.
+
 A rerun with the same --work keeps every finished run (self-training reruns continue) and prints the table again. The
 pool file keeps its labels, which the benchmark (never sftlab) reads after the fact to report each round's
 pseudo-label precision: the share of kept pseudo-labels that are right.
@@ -33,6 +37,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import random
 import statistics
 import subprocess
 import sys
@@ -43,6 +48,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 SST2 = ROOT.parent / "shared" / "data" / "sst2"
+TREC = ROOT.parent / "shared" / "data" / "trec"
+TREC_DEV = 500  # TREC questions held out as dev (TREC ships one file here)
 SETUPS = ("labelled-only", "mlm->sft", "self-train", "mlm->self-train")
 
 
@@ -65,9 +72,20 @@ def _jsonl(path: Path, rows: list[dict]) -> str:
     return str(path)
 
 
-def prepare(work: Path, n_labelled: int, n_pool: int, n_dev: int) -> dict[str, str]:
+def _trec() -> tuple[list[dict], list[dict]]:
+    """TREC's one file (the 6 coarse classes): a seeded TREC_DEV-question slice is dev, never trained on; the rest in
+    a seeded order is train (its first rows the labelled ones, the next the pool)."""
+    rows = []
+    for line in (TREC / "train_5500.label").read_text(encoding="latin-1").splitlines():
+        tag, _, text = line.strip().partition(" ")
+        rows.append({"sentence": text.strip(), "label": tag.split(":")[0]})
+    random.Random(0).shuffle(rows)
+    return rows[TREC_DEV:], rows[:TREC_DEV]
+
+
+def prepare(work: Path, n_labelled: int, n_pool: int, n_dev: int, task: str = "sst2") -> dict[str, str]:
     work.mkdir(parents=True, exist_ok=True)
-    train, dev = _tsv(SST2 / "train.tsv"), _tsv(SST2 / "dev.tsv")
+    train, dev = _trec() if task == "trec" else (_tsv(SST2 / "train.tsv"), _tsv(SST2 / "dev.tsv"))
     pool = train[n_labelled : n_labelled + n_pool]
     (work / "pool.txt").write_text("".join(r["sentence"].strip() + "\n" for r in pool))
     return {
@@ -75,6 +93,7 @@ def prepare(work: Path, n_labelled: int, n_pool: int, n_dev: int) -> dict[str, s
         "pool": _jsonl(work / "pool.jsonl", pool),  # with labels: self-training must not read them
         "pool_text": str(work / "pool.txt"),
         "dev": _jsonl(work / "dev.jsonl", dev[:n_dev]),
+        "label_names": sorted({str(r["label"]) for r in train}),  # class names only (SST-2: "0", "1")
     }
 
 
@@ -84,7 +103,7 @@ def sft_config(model: str, files: dict, seed: int, args) -> dict:
         "model": {"name": model, "task": "seq-cls"},
         "method": {"name": "full"},
         "data": {"train": files["labelled"], "eval": files["dev"], "format": "classification",
-                 "columns": {"text": "sentence"}, "label_names": ["0", "1"], "max_length": 64},
+                 "columns": {"text": "sentence"}, "label_names": files["label_names"], "max_length": 64},
         "train": {"max_steps": args.teacher_steps, "batch_size": 16, "lr": args.lr, "warmup_steps": 8,
                   "seed": seed, "progress": False},
         "self_train": {"unlabelled": files["pool"], "rounds": args.rounds, "threshold": args.threshold,
@@ -127,6 +146,9 @@ def pseudo_precision(st_dir: Path, pool_file: str) -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--task", default="sst2", choices=("sst2", "trec"), help="trec: the 6 coarse question classes"
+    )
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--labelled", type=int, default=200)
     p.add_argument(
@@ -149,10 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=str(ROOT / "runs" / "bench-semi-supervised"))
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results.jsonl"))
     args = p.parse_args(argv)
-    if not SST2.is_dir():
-        sys.exit(f"needs {SST2}")
+    if not (TREC if args.task == "trec" else SST2).is_dir():
+        sys.exit(f"needs {TREC if args.task == 'trec' else SST2}")
     work = Path(args.work)
-    files = prepare(work / "data", args.labelled, args.pool, args.dev)
+    files = prepare(work / "data", args.labelled, args.pool, args.dev, args.task)
     model = minilm_path()
     seeds = [int(s) for s in args.seeds.split(",")]
     t_start = time.perf_counter()
@@ -197,12 +219,12 @@ def main(argv: list[str] | None = None) -> int:
                                               "mlm_steps", "rounds", "threshold", "top_k", "pseudo_weight", "lr")}  # fmt: skip
     with open(args.results, "a") as f:
         for s in (s for s in SETUPS if results[s]):
-            row = {"bench": "semi_supervised", "when": stamp, "setup": s, "seeds": seeds, "dev_acc": results[s],
+            row = {"bench": "semi_supervised", "task": args.task, "when": stamp, "setup": s, "seeds": seeds, "dev_acc": results[s],
                    **settings}  # fmt: skip
             if s in per_round:
                 row["per_round"], row["kept"], row["pseudo_precision"] = per_round[s], kept[s], precision[s]
             f.write(json.dumps(row) + "\n")
-    print(f"\nMiniLM-L6, SST-2: {args.labelled} labelled rows, {args.pool} unlabelled, dev {args.dev}; seeds {seeds}; "
+    print(f"\nMiniLM-L6, {args.task}: {args.labelled} labelled rows, {args.pool} unlabelled, dev {args.dev}; seeds {seeds}; "
           f"MLM final train loss {mlm_loss:.3f}; {wall / 60:.1f} min")  # fmt: skip
     print("| setup | dev accuracy (mean ± sd) | per seed | per round (mean) | pseudo-labels kept per round (mean) "
           "| pseudo-label precision per round (mean) |")  # fmt: skip
