@@ -120,6 +120,11 @@ class DataConfig(StrictModel):
         "`tasks` instead (one or the other).",
     )
     eval: str | None = Field(None, description="Held-out file (a path like `train`); or use eval_fraction.")
+    subset: str | None = Field(
+        None,
+        description="With `hf:ORG/NAME[:split]` in train/eval: the dataset's configuration (subset) name, e.g. sst2 "
+        "of nyu-mll/glue. See README 'Datasets by name'.",
+    )
     eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Split this share of train off for eval.")
     format: Literal["text", "alpaca", "messages", "sharegpt", "classification", "seq2seq"] = Field(
         "alpaca", description="Record layout."
@@ -235,6 +240,7 @@ class DataConfig(StrictModel):
         out = handler(self)
         drop = ("train", "eval") if self.tasks is not None else ("tasks", "mixing")
         drop += ("weight_field",) if self.weight_field is None else ()  # configs without it save as before
+        drop += ("subset",) if self.subset is None else ()
         return {k: v for k, v in out.items() if k not in drop}
 
 
@@ -929,6 +935,10 @@ def load_config(
     if migrate:
         raw = migrate_moved_keys(raw)
     raw = deep_merge(raw, parse_overrides(overrides or []))
+    if not migrate:  # datasets.yaml names -> their files (a run's saved config holds those already)
+        from .data.registry import resolve_names
+
+        raw = resolve_names(raw, path)
     if path is not None and not migrate:
         _config_relative_paths(raw, Path(path))
     cfg = build_config(raw, source)

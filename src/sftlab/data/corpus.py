@@ -34,7 +34,7 @@ from .blockstore import BlockStore, BlockWriter, Corrupted
 from .encode import EncodedData, adds_bos, to_records
 from .load import held_out, split_eval
 from .objectives import EVAL, TRAIN, example_rng, iter_blocks, mlm_mask, span_corrupt, span_counts
-from .readers import RawRecord, iter_records, list_files, read_records
+from .readers import RawRecord, is_hub_name, iter_records, list_files, read_records
 
 OBJECTIVE_TASKS = {
     "clm": "causal-lm",
@@ -157,6 +157,8 @@ def streams(data_cfg: Any) -> bool:
     choice = getattr(data_cfg, "streaming", None)
     if choice is not None:
         return bool(choice)
+    if is_hub_name(data_cfg.train):  # a Hub dataset: datasets reads it (memory-mapped Arrow already)
+        return False
     return sum(f.stat().st_size for f in list_files(data_cfg.train)) > STREAM_BYTES
 
 
@@ -193,12 +195,16 @@ def _raw_records(
             held = held_out(n, data_cfg.eval_fraction, seed)
             return _Records(data_cfg.train, data_cfg, held, 0), _Records(data_cfg.train, data_cfg, held, 1)
         return train, None
-    train_raw = read_records(data_cfg.train, data_cfg.columns, data_cfg.limit, documents)
+    train_raw = read_records(
+        data_cfg.train, data_cfg.columns, data_cfg.limit, documents, getattr(data_cfg, "subset", None)
+    )
     if not train_raw:
         raise DataError(f"{data_cfg.train}: no records")
     eval_raw = None
     if data_cfg.eval:
-        eval_raw = read_records(data_cfg.eval, data_cfg.columns, data_cfg.limit, documents)
+        eval_raw = read_records(
+            data_cfg.eval, data_cfg.columns, data_cfg.limit, documents, getattr(data_cfg, "subset", None)
+        )
         if not eval_raw:
             raise DataError(f"{data_cfg.eval}: no records")
     elif data_cfg.eval_fraction > 0:

@@ -48,12 +48,13 @@ def load_data(
     classification-as-text task (`tasks.py`)."""
     check_task_format(task, data_cfg.format)
     documents = getattr(data_cfg, "documents", "line")  # how a .txt file splits into records
-    train_raw = read_records(data_cfg.train, data_cfg.columns, data_cfg.limit, documents)
+    subset = getattr(data_cfg, "subset", None)  # an hf: dataset's configuration
+    train_raw = read_records(data_cfg.train, data_cfg.columns, data_cfg.limit, documents, subset)
     if not train_raw:
         raise DataError(f"{data_cfg.train}: no records")
     eval_raw: list[RawRecord] | None = None
     if data_cfg.eval:
-        eval_raw = read_records(data_cfg.eval, data_cfg.columns, data_cfg.limit, documents)
+        eval_raw = read_records(data_cfg.eval, data_cfg.columns, data_cfg.limit, documents, subset)
         if not eval_raw:
             raise DataError(f"{data_cfg.eval}: no records")
     elif data_cfg.eval_fraction > 0:

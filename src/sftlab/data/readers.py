@@ -12,6 +12,10 @@ for the whole file (`data.documents`).
 CSV/TSV files have a header row, unless every value in `columns` is a column number ("0", "1", ...) that
 is not a header name: then the file is read headerless with fields named "0", "1", ... (GLUE's RTE val.tsv
 and AG News dev.tsv ship without headers). TSV is read without quote handling, as GLUE files expect.
+
+`hf:ORG/NAME[:split]` (split default train; `subset` the configuration) reads a Hugging Face dataset through
+`datasets.load_dataset`, from the local datasets cache when offline; a record's location is `hf:ORG/NAME:split:row`
+(1-based) and a ClassLabel column gives its class names, not their indices.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ def field_list(fields: dict) -> str:
 
 def list_files(path: str | Path) -> list[Path]:
     """The data files under `path` (itself if it is a file)."""
+    if is_hub_name(path):
+        raise DataError(f"{path}: a Hub dataset is read through `datasets`, not as local files")
     p = Path(path)
     if p.is_file():
         if p.suffix.lower() not in SUFFIXES:
@@ -70,11 +76,16 @@ def list_files(path: str | Path) -> list[Path]:
 
 
 def read_records(
-    path: str | Path, columns: dict[str, str] | None = None, limit: int | None = None, documents: str = "line"
+    path: str | Path,
+    columns: dict[str, str] | None = None,
+    limit: int | None = None,
+    documents: str = "line",
+    subset: str | None = None,
 ) -> list[RawRecord]:
     """All records under `path` (first `limit` if given), with `columns` renames applied (new name: old name);
-    `documents`: how a .txt file splits into records (line | paragraph | file)."""
-    return list(iter_records(path, columns, limit, documents, stream=False))
+    `documents`: how a .txt file splits into records (line | paragraph | file); `subset`: an `hf:` dataset's
+    configuration."""
+    return list(iter_records(path, columns, limit, documents, stream=False, subset=subset))
 
 
 def iter_records(
@@ -83,12 +94,17 @@ def iter_records(
     limit: int | None = None,
     documents: str = "line",
     stream: bool = True,
+    subset: str | None = None,
 ) -> Iterator[RawRecord]:
     """read_records' records one at a time. With `stream`, .txt (line, paragraph) and .jsonl files are read line by
     line, never whole, so a corpus of any size passes through in constant memory (the same records, the same
     errors); .csv/.tsv always stream; .json, .parquet and `documents: file` are read whole."""
     n = 0
     if limit is not None and limit <= 0:
+        return
+    if is_hub_name(path):
+        for rec in _read_hub(str(path), subset, limit):
+            yield _rename(rec, columns or {})
         return
     for f in list_files(path):
         for rec in _read_file(f, columns or {}, documents, stream):
@@ -303,3 +319,54 @@ def _read_label(f: Path) -> Iterator[RawRecord]:
         if not colon or not coarse or not fine or not text.strip():
             raise DataError(f"{f}:{i}: expected a TREC line `COARSE:fine question text` (got {short(line)})")
         yield RawRecord(f"{f}:{i}", {"text": text.strip(), "label": coarse, "fine_label": tag})
+
+
+HUB_PREFIX = "hf:"
+
+
+def is_hub_name(path: str | Path) -> bool:
+    """`hf:ORG/NAME[:split]`: a dataset read through `datasets.load_dataset` rather than a local path."""
+    return isinstance(path, str) and path.startswith(HUB_PREFIX)
+
+
+def _read_hub(spec: str, subset: str | None, limit: int | None) -> Iterator[RawRecord]:
+    """Records of `hf:ORG/NAME[:split]` (split default train), from the Hub or, offline, the local datasets cache;
+    a DataError names the cache directory when the dataset is in neither."""
+    name, _, split = spec[len(HUB_PREFIX) :].partition(":")
+    split = split or "train"
+    if not name or name.count("/") > 1 or not split:
+        raise DataError(
+            f"{spec}: expected hf:ORG/NAME or hf:ORG/NAME:split (e.g. hf:nyu-mll/glue:validation)"
+        )
+    import datasets
+
+    what = f"{name}" + (f" (subset {subset})" if subset else "")
+    try:
+        ds = datasets.load_dataset(name, subset, split=split)
+    except (
+        Exception
+    ) as e:  # datasets raises ConnectionError, FileNotFoundError, ValueError, its own errors...
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        cache = datasets.config.HF_DATASETS_CACHE
+        if "split" in first.lower() and "should be one of" in first.lower():
+            raise DataError(f"{spec}: no split {split!r} in {what}: {first}") from None
+        if "config" in first.lower() and ("missing" in first.lower() or "available" in str(e).lower()):
+            detail = " ".join(str(e).split())[:300]
+            raise DataError(f"{spec}: data.subset: {detail}") from None
+        raise DataError(
+            f"{spec}: cannot load {what}, split {split}: it is not in the local datasets cache ({cache}) and "
+            f"could not be fetched ({first}). Download it once online (datasets.load_dataset({name!r}"
+            + (f", {subset!r}" if subset else "")
+            + ")), or point HF_DATASETS_CACHE at a cache that holds it; offline, set HF_HUB_OFFLINE=1"
+        ) from None
+    class_names = {
+        col: feat.names for col, feat in ds.features.items() if isinstance(feat, datasets.ClassLabel)
+    }
+    for i, row in enumerate(ds, start=1):
+        if limit is not None and i > limit:
+            return
+        for col, names in class_names.items():
+            v = row.get(col)
+            if isinstance(v, int) and 0 <= v < len(names):
+                row[col] = names[v]
+        yield RawRecord(f"{spec}:{i}", row)
