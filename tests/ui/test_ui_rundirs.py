@@ -64,7 +64,8 @@ def test_summary_wins_over_metrics(tmp_path):
 def test_eval_table_lines_up_runs(tmp_path):
     a = _run(tmp_path / "a", eval={"bleu": 61.6, "exact": {"match": 0.5}, "n": 80})
     b = _run(tmp_path / "b", eval={"bleu": 9.0, "rouge_l": 0.4, "model": "x", "greedy": True},
-             quickstart={"after": {"exact": 1.0}, "examples": [{"score": 1.0}, {"score": 0.0}]})  # fmt: skip
+             quickstart={"after": {"exact": 1.0}, "examples": [{"score": 1.0}, {"score": 0.0}],
+                         "method": {"r": 16}, "max_new_tokens": 41})  # fmt: skip
     _run(tmp_path / "c", summary={"status": "completed"})
     header, rows = rundirs.eval_table([a, b, tmp_path / "c"], tmp_path)
     assert header == ["metric", "a", "b", "c"]
@@ -72,6 +73,15 @@ def test_eval_table_lines_up_runs(tmp_path):
     assert table == {"eval: bleu": [61.6, 9.0, None], "eval: exact.match": [0.5, None, None],
                      "eval: n": [80, None, None], "eval: rouge_l": [None, 0.4, None],
                      "quickstart: after.exact": [None, 1.0, None]}  # fmt: skip
+
+
+def test_short_model_names():
+    assert (
+        rundirs.short_name("/work/x/.venv/lib/site-packages/pkg/models/all-MiniLM-L6-v2/")
+        == ".../all-MiniLM-L6-v2"
+    )
+    assert rundirs.short_name("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+    assert rundirs.short_name(None) is None
 
 
 def test_flatten():

@@ -17,6 +17,18 @@ from typing import Any
 import yaml
 
 SKIP_DIRS = {"checkpoints", "final", "data", ".previous-run", "__pycache__", ".git", ".venv", "node_modules"}
+# top-level keys of an eval file that hold the settings it ran with, not results (quickstart.json: method, train, ...)
+SETTINGS_KEYS = {
+    "method",
+    "train",
+    "data",
+    "model",
+    "config",
+    "settings",
+    "max_new_tokens",
+    "status",
+    "run_dir",
+}
 SUMMARY_COLUMNS = ["run", "status", "model", "method", "steps", "train_loss", "eval_loss", "tokens_per_s",
                    "trainable_share", "wall_time_s"]  # fmt: skip
 
@@ -156,7 +168,7 @@ class RunView:
         return {
             "run": name or ".",
             "status": self.status,
-            "model": (self.config.get("model") or {}).get("name"),
+            "model": short_name((self.config.get("model") or {}).get("name")),
             "method": (self.config.get("method") or {}).get("name"),
             "steps": s.get("steps", last_train.get("step")),
             "train_loss": _round(s.get("train_loss", last_train.get("loss"))),
@@ -165,6 +177,13 @@ class RunView:
             "trainable_share": _round(s.get("trainable_share"), 4),
             "wall_time_s": _round(s.get("wall_time_s"), 1),
         }
+
+
+def short_name(name: Any, width: int = 32) -> Any:
+    """A model named by a long path shows as its last folder (the full name is in the run's config.yaml)."""
+    if isinstance(name, str) and len(name) > width and "/" in name:
+        return ".../" + name.rstrip("/").rsplit("/", 1)[-1]
+    return name
 
 
 def _round(x: Any, digits: int = 4) -> Any:
@@ -194,6 +213,7 @@ def eval_table(runs: list[Path], root: Path | None = None) -> tuple[list[str], l
             data = read_json(f)
             if data is None:
                 continue
+            data = {k: v for k, v in data.items() if k not in SETTINGS_KEYS}
             for key, value in flatten(data, records=False).items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):  # metrics, not settings
                     cells.setdefault(f"{f.stem}: {key}", {})[i] = _round(value)
