@@ -85,7 +85,7 @@ def evaluate_run(run_dir: str | Path, opts: EvalOptions) -> dict:
     labels = None
     if cfg.model.task == "seq-cls" and model.config.id2label:
         labels = [model.config.id2label[i] for i in range(len(model.config.id2label))]
-    data_cfg, where = _data_config(cfg, opts, labels, generate)
+    data_cfg, where = _data_config(cfg, opts, labels, generate, run_dir)
     result: dict[str, Any] = {**({"task": opts.task} if opts.task is not None else {}), "data": where}
     encoded = None
     if with_loss:
@@ -163,7 +163,9 @@ def evaluate_run(run_dir: str | Path, opts: EvalOptions) -> dict:
     return result
 
 
-def _data_config(cfg, opts: EvalOptions, labels: list[str] | None, generate: bool = False):
+def _data_config(
+    cfg, opts: EvalOptions, labels: list[str] | None, generate: bool = False, run_dir: Path | None = None
+):
     """The single-task data config this evaluation reads (the task's, with --data/--format), and where from."""
     from ..data.tasks import task_data_config
 
@@ -172,7 +174,12 @@ def _data_config(cfg, opts: EvalOptions, labels: list[str] | None, generate: boo
         data_cfg = task_data_config(cfg.data, next(t for t in cfg.data.tasks if t.name == opts.task))
     update: dict[str, Any] = {"tasks": None}
     if opts.data:
-        update.update(train=opts.data, eval=None, eval_fraction=0.0)
+        from ..data.registry import lookup
+
+        entry = lookup(opts.data, run_dir, "--data")  # a datasets.yaml name (the run dir's, the cwd's)
+        if entry is not None:
+            update.update({k: v for k, v in entry.keys.items() if k in type(data_cfg).model_fields})
+        update.update(train=entry.source if entry else opts.data, eval=None, eval_fraction=0.0)
     if opts.format:
         update["format"] = opts.format
     if labels:
