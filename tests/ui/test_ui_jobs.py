@@ -80,11 +80,13 @@ def test_stop_saves_a_checkpoint_and_resume_continues_from_it(tmp_path):
     while len(read_metrics(run)[0]) < 3:
         assert job.running and time.time() < deadline, job.log_text()
         time.sleep(0.1)
+    assert job.describe(load_view(run)).startswith("running: step ")
     assert job.stop() == "stopped" and job.proc.returncode == jobs.INTERRUPTED
     saved = [int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*")]
     assert len(saved) == 1 and 3 <= saved[0] < 40, saved
     assert f"interrupted: checkpoint saved to {run}/checkpoints/step-{saved[0]}" in job.log_text()
     assert load_view(run).status == "unfinished" and load_view(run).last_checkpoint == saved[0]
+    assert job.describe(load_view(run)) == f"stopped at checkpoint step-{saved[0]}: Resume continues from it"
 
     again = manager.start(str(cfg), [], str(run), mode="resume")
     _wait(again)
@@ -104,7 +106,20 @@ def test_a_failing_run_reports_the_cli_error(tmp_path):
                                f"train.output_dir={tmp_path}/run"], str(tmp_path / "run"))  # fmt: skip
     _wait(job)
     assert job.status == "failed (exit 2)"
-    assert "error: " in job.log_text() and "missing.jsonl" in job.log_text()
+    assert job.error_line().startswith("error: ") and "missing.jsonl" in job.error_line()
+    assert job.describe(load_view(tmp_path / "run")) == f"failed (exit 2): {job.error_line()}"
+
+
+def test_a_second_start_into_a_finished_run_says_why_it_failed(tmp_path):
+    cfg, run = _yaml(tmp_path, "run", max_steps=2)
+    manager = jobs.JobManager(tmp_path / "state", cwd=tmp_path)
+    first = manager.start(str(cfg), [], str(run))
+    _wait(first)
+    assert first.describe(load_view(run)).startswith("finished: completed, 2 steps, train loss ")
+    again = manager.start(str(cfg), [], str(run))  # neither --resume nor --overwrite
+    _wait(again)
+    shown = again.describe(load_view(run))  # not the earlier run's summary
+    assert shown.startswith("failed (exit 2): error: ") and "--overwrite" in shown, again.log_text()
 
 
 def test_restore_ctrl_c_undoes_an_inherited_ignore():

@@ -167,12 +167,7 @@ def build_app(runs_root: str = "runs", state_dir: str = ".sftlab-ui", cwd: str |
             path = base / run
             job = manager.get(path)
             view = rundirs.load_view(path)
-            state = view.status if job is None else f"{job.status} (run: {view.status})"
-            if job is not None and job.status == "stopped" and view.last_checkpoint is not None:
-                state = f"stopped at checkpoint step-{view.last_checkpoint}: Resume continues from it"
-            if view.summary and job is not None and not job.running:
-                s = view.summary
-                state = f"{job.status}: {s.get('status')}, {s.get('steps')} steps, train loss {s.get('train_loss')}"
+            state = view.status if job is None else job.describe(view)
             sig = _signature(path)
             fig = rundirs.curves_figure([view], base, title=run) if sig != last else gr.skip()
             text = job.log_text() if job is not None else ""

@@ -18,8 +18,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from .rundirs import RunView
 
 CLI = [sys.executable, "-m", "sftlab.cli.main"]
 MODES = ("start", "resume", "overwrite")
@@ -100,6 +104,33 @@ class Job:
             except subprocess.TimeoutExpired:
                 continue
         return self.status
+
+    def error_line(self) -> str | None:
+        """The run's last `error: ...` line (the CLI prints a bad config, data or run dir as one)."""
+        lines = [ln for ln in self.log_text(8000).splitlines() if ln.startswith("error: ")]
+        return lines[-1] if lines else None
+
+    def describe(self, view: RunView) -> str:
+        """One status line for the page: what the process is doing, or how it ended, from its run directory."""
+        status = self.status
+        if self.running:
+            step = view.train[-1]["step"] if view.train else None
+            return status + (f": step {step}" if step is not None else ": loading data and model")
+        if status == "stopped":
+            ckpt = view.last_checkpoint
+            if ckpt is None:
+                return "stopped before its first checkpoint: Start begins again"
+            return f"stopped at checkpoint step-{ckpt}: Resume continues from it"
+        if status.startswith("failed"):
+            return f"{status}: {self.error_line() or 'see the log'}"
+        s = view.summary
+        try:
+            fresh = (view.path / "summary.json").stat().st_mtime >= self.started - 1
+        except OSError:
+            fresh = False
+        if not (s and fresh):
+            return f"{status}: no summary.json written"
+        return f"{status}: {s.get('status')}, {s.get('steps')} steps, train loss {s.get('train_loss')}"
 
     def log_text(self, max_chars: int = 20_000) -> str:
         """The end of the log (progress lines, warnings, the final `completed: ...` or `error: ...` line)."""
