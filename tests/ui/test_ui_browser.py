@@ -199,15 +199,21 @@ def test_train_watch_compare_and_chat_in_a_browser(server, page):
     assert (work / "merged" / "config.json").is_file() and (work / "merged" / "model.safetensors").is_file()
 
 
-def test_stop_and_resume_from_the_page(server, page):
+def test_load_yaml_stop_and_resume_from_the_page(server, page):
     url, work = server
     expect = sync_api.expect
+    (work / "long.yaml").write_text(
+        "model: {name: tiny-llama}\nmethod: {name: prefix, num_virtual_tokens: 3}\n"
+        "data: {train: train.jsonl, format: alpaca, max_length: 64}\n"
+        "train: {output_dir: runs/long, max_steps: 100000, batch_size: 2, seed: 7}\n"
+    )
     page.goto(url)
-    _field(page, "model").wait_for(timeout=60_000)
-    _field(page, "train-file").fill("train.jsonl")
-    for elem_id, value in (("steps", "100000"), ("batch", "2")):
-        _field(page, elem_id).fill(value)
-    _field(page, "output-dir").fill("runs/long")
+    _field(page, "config-path").fill("long.yaml")
+    page.click("#load-yaml")
+    expect(_field(page, "output-dir")).to_have_value("runs/long", timeout=30_000)
+    for elem_id, value in (("method", "prefix"), ("vtokens", "3"), ("steps", "100000"), ("batch", "2"),
+                           ("train-file", "train.jsonl")):  # fmt: skip
+        expect(_field(page, elem_id)).to_have_value(value)
     page.click("#start")
     status, log = _field(page, "status"), _field(page, "log")
     metrics = work / "runs" / "long" / "metrics.jsonl"
@@ -235,3 +241,5 @@ def test_stop_and_resume_from_the_page(server, page):
     # step and its metrics row loses that row while the checkpoint has the step: a trainer issue, not the page's.)
     assert [s for s in steps if s > first] == list(range(first + 1, second + 1))
     assert steps == sorted(set(steps))
+    run_cfg = (work / "runs" / "long" / "config.yaml").read_text()  # the YAML's other keys came along
+    assert "max_length: 64" in run_cfg and "seed: 7" in run_cfg and "num_virtual_tokens: 3" in run_cfg
