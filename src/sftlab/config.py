@@ -349,6 +349,12 @@ class TrainConfig(StrictModel):
         None, gt=0, description="Stop after N evals without improvement."
     )
     log_every: int = Field(1, gt=0, description="Log a metrics row every N steps.")
+    report_to: list[Literal["tensorboard", "mlflow", "wandb", "trackio"]] = Field(
+        default_factory=list,
+        description="Experiment trackers that also receive the metrics.jsonl rows, the config and a final summary "
+        "(any subset; each an optional extra, imported only when named). See README 'Tracking' for where each "
+        "writes and its offline/local mode.",
+    )
     eval_batch_size: int | None = Field(None, gt=0, description="Default: batch_size.")
     eval_generate_limit: int = Field(
         64,

@@ -56,6 +56,7 @@ from .objective import Objective, count_supervised
 from .optim import build_optimizer, build_scheduler
 from .packing import resolve_packing
 from .task_eval import TaskEval, TaskSpec
+from .trackers import tracking_callbacks
 
 
 def _quiet(*_args) -> None:
@@ -141,6 +142,7 @@ def default_callbacks(cfg: TrainConfig) -> list[Callback]:
         *conflict,
         EvalCallback(cfg.eval_every, cfg.early_stopping_patience),
         CheckpointCallback(cfg.save_every),
+        *tracking_callbacks(cfg.report_to),  # last: sees the step's eval rows too
     ]
 
 
