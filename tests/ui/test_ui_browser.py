@@ -204,7 +204,7 @@ def test_load_yaml_stop_and_resume_from_the_page(server, page):
     expect = sync_api.expect
     (work / "long.yaml").write_text(
         "model: {name: tiny-llama}\nmethod: {name: prefix, num_virtual_tokens: 3}\n"
-        "data: {train: train.jsonl, format: alpaca, max_length: 64}\n"
+        "data: {train: train.jsonl, format: alpaca, max_length: 200}\n"
         "train: {output_dir: runs/long, max_steps: 100000, batch_size: 2, seed: 7}\n"
     )
     page.goto(url)
@@ -242,4 +242,4 @@ def test_load_yaml_stop_and_resume_from_the_page(server, page):
     assert [s for s in steps if s > first] == list(range(first + 1, second + 1))
     assert steps == sorted(set(steps))
     run_cfg = (work / "runs" / "long" / "config.yaml").read_text()  # the YAML's other keys came along
-    assert "max_length: 64" in run_cfg and "seed: 7" in run_cfg and "num_virtual_tokens: 3" in run_cfg
+    assert "max_length: 200" in run_cfg and "seed: 7" in run_cfg and "num_virtual_tokens: 3" in run_cfg

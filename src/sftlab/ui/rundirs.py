@@ -227,6 +227,7 @@ def curves_figure(views: list[RunView], root: Path | None = None, title: str = "
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(7, 3.6), layout="constrained")
     ax = fig.add_subplot()
@@ -242,6 +243,7 @@ def curves_figure(views: list[RunView], root: Path | None = None, title: str = "
         if v.evals:
             ax.plot([r["step"] for r in v.evals], [r["eval_loss"] for r in v.evals], "o--", color=color,
                     label=f"{name} eval")  # fmt: skip
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
