@@ -65,7 +65,8 @@ class ModelConfig(StrictModel):
         "(lora, adapter, prefix, ptuning, prompt); rebuilt from the weights on every load, never saved.",
     )
     double_quant: bool = Field(
-        True, description="nf4: store the block scales as int8 too (QLoRA double quantisation; ~0.37 bit a weight)."
+        True,
+        description="nf4: store the block scales as int8 too (QLoRA double quantisation: 4.13 bits a weight, not 4.5).",
     )
     compute_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="Dtype quantised weights are decoded to for their GEMMs; null: model.dtype."

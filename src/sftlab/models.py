@@ -33,6 +33,7 @@ from transformers import (
 
 from .errors import ModelError
 from .quant import QuantSpec, quantize_model
+from .quant.stream import NotStreamable, load_quantized, safetensors_files
 
 TASKS = ("causal-lm", "seq-cls", "seq2seq", "masked-lm")
 TINY_NAMES = ("tiny-llama", "tiny-gpt2", "tiny-bert", "tiny-t5")
@@ -276,7 +277,9 @@ def _load_model(
         src, kwargs["gguf_file"] = str(p.parent), p.name
     tok = tokenizer if tokenizer is not None else load_tokenizer(name, trust_remote_code)
     with named_source(name):
-        model = _AUTO_CLASSES[task].from_pretrained(src, **kwargs)
+        model = _streamed(task, src, kwargs, quant, name) if quant is not None else None
+        if model is None:
+            model = _AUTO_CLASSES[task].from_pretrained(src, **kwargs)
     if _is_gguf(name):
         # GGUF weights come back dequantized fp32; clear the flag so save_pretrained accepts the model.
         for attr in ("is_quantized", "hf_quantizer", "quantization_method"):
@@ -292,6 +295,34 @@ def _load_model(
     if getattr(model.config, "pad_token_id", None) is None and tok.pad_token_id is not None:
         model.config.pad_token_id = tok.pad_token_id
     return model, tok
+
+
+def _streamed(
+    task: str, src: str, kwargs: dict[str, Any], quant: QuantSpec, name: str
+) -> PreTrainedModel | None:
+    """model.quantize from a local safetensors directory or a GGUF file: built tensor by tensor into its quantised
+    form (quant/stream.py), never whole in full precision. None for other sources (an HF id, .bin weights, names
+    that do not match the model), which load whole and are quantised right after."""
+    from transformers import AutoConfig, GenerationConfig
+
+    gguf_file = kwargs.get("gguf_file")
+    files = None if gguf_file else safetensors_files(Path(src))
+    if not gguf_file and files is None:
+        return None
+    cfg_keys = ("trust_remote_code", "num_labels", "gguf_file")
+    config = AutoConfig.from_pretrained(src, **{k: kwargs[k] for k in cfg_keys if k in kwargs})
+    extra = {k: kwargs[k] for k in ("attn_implementation", "trust_remote_code") if k in kwargs}
+    gguf_path = Path(src) / gguf_file if gguf_file else None
+    try:
+        model = load_quantized(
+            _AUTO_CLASSES[task], config, quant, kwargs["dtype"], name, files, gguf_path, **extra
+        )
+    except NotStreamable as e:
+        warnings.warn(f"{e}; loading it whole, then quantising", stacklevel=4)
+        return None
+    if not gguf_file and (Path(src) / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(src)
+    return model
 
 
 # Module names of position tables (GPT-2 wpe, BERT/RoBERTa position_embeddings, BART/OPT embed_positions).

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2] / "src" / "sftlab"
 LAYERS = [
     # leaves
     ["sftlab.strict", "sftlab.gemm", "sftlab.errors", "sftlab.threads", "sftlab.files", "sftlab.scores"],
-    ["sftlab.quant"],  # quantised frozen weights (QLoRA): under methods (LoRA wraps them) and models (load hook)
+    ["sftlab.quant"],  # quantised frozen weights (QLoRA): LoRA wraps them, models loads into them
     ["sftlab.data", "sftlab.methods", "sftlab.models", "sftlab.convert"],  # what a run is made of
     ["sftlab.config"],  # the run config (knows the methods' configs)
     ["sftlab.train", "sftlab.generate", "sftlab.demo_model"],  # the loop; building the demo model

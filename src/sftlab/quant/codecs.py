@@ -34,11 +34,17 @@ def _code(device: torch.device | str = "cpu") -> torch.Tensor:
     return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
 
 
-def _pair_table(device: torch.device | str) -> torch.Tensor:
+_PAIR_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _pair_table(device: torch.device) -> torch.Tensor:
     """(256, 2): the two code values a byte holds (high nibble first), so decoding is one table lookup per byte."""
-    code = _code(device)
-    b = torch.arange(256, device=device)
-    return torch.stack([code[b >> 4], code[b & 15]], dim=1)
+    table = _PAIR_TABLES.get(device)
+    if table is None:
+        code = _code(device)
+        b = torch.arange(256, device=device)
+        table = _PAIR_TABLES[device] = torch.stack([code[b >> 4], code[b & 15]], dim=1)
+    return table
 
 
 @dataclass

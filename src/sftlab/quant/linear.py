@@ -57,7 +57,29 @@ class QuantLinear(nn.Module):
         if kind not in KINDS:
             raise ValueError(f"quantize: {kind!r} is not one of {', '.join(KINDS)}")
         self.transposed = isinstance(layer, Conv1D)  # Conv1D holds W as (d_in, d_out)
-        w = layer.weight.detach()
+        self._setup(layer.weight.detach(), layer.bias, kind, double_quant, compute_dtype)
+
+    @classmethod
+    def from_weight(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        transposed: bool,
+        kind: str = "nf4",
+        double_quant: bool = True,
+        compute_dtype: torch.dtype | None = None,
+    ) -> QuantLinear:
+        """A QuantLinear straight from a weight tensor (as a checkpoint holds it: (d_in, d_out) when
+        `transposed`), for loaders that never build the full-precision layer (`quant/stream.py`)."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        if kind not in KINDS:
+            raise ValueError(f"quantize: {kind!r} is not one of {', '.join(KINDS)}")
+        self.transposed = transposed
+        self._setup(weight.detach(), bias, kind, double_quant, compute_dtype)
+        return self
+
+    def _setup(self, w, bias, kind, double_quant, compute_dtype) -> None:
         w = w.t() if self.transposed else w  # (d_out, d_in)
         self.out_features, self.in_features = w.shape
         self.kind, self.double_quant = kind, double_quant
@@ -66,7 +88,7 @@ class QuantLinear(nn.Module):
         q = quantize_nf4(w, double_quant) if kind == "nf4" else quantize_int8(w)
         for name, t in q.tensors().items():
             self.register_buffer(f"q_{name}", t)
-        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     def _codec(self) -> NF4Weight | Int8Weight:
         if self.kind == "int8":
