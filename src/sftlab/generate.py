@@ -151,3 +151,40 @@ class Answers:
     def text(self, ids: list[int]) -> str:
         end = self.end(ids)
         return cut_at(self.tokenizer.decode(ids[:end], skip_special_tokens=True), self.markers)
+
+
+def read_prompts(path: str) -> list[tuple[str, str | list[dict]]]:
+    """(where, prompt) for each record of a prompts file (jsonl, json, csv, ...): `prompt` (text), `messages` (a
+    conversation to continue; a last assistant turn, the reference answer, is dropped) or alpaca's `instruction`
+    (+ `input`, joined as training joins them). A record with none of them is a DataError naming its line."""
+    from .data import read_records
+    from .data.readers import DataError, field_list, short
+
+    out: list[tuple[str, str | list[dict]]] = []
+    for rec in read_records(path):
+        f = rec.fields
+        if isinstance(f.get("prompt"), str) and f["prompt"].strip():
+            out.append((rec.where, f["prompt"]))
+        elif isinstance(f.get("messages"), list) and f["messages"]:
+            msgs = [m for m in f["messages"] if isinstance(m, dict)]
+            if len(msgs) != len(f["messages"]):
+                raise DataError(f"{rec.where}: messages: expected a list of {{role, content}} objects")
+            if msgs[-1].get("role") == "assistant":
+                msgs = msgs[:-1]
+            if not msgs:
+                raise DataError(
+                    f"{rec.where}: messages: nothing before the assistant's answer to prompt with"
+                )
+            out.append((rec.where, [{"role": m.get("role"), "content": m.get("content")} for m in msgs]))
+        elif isinstance(f.get("instruction"), str) and f["instruction"].strip():
+            extra = f.get("input") if isinstance(f.get("input"), str) else ""
+            out.append((rec.where, f["instruction"] + ("\n\n" + extra if extra.strip() else "")))
+        else:
+            got = f"; got {short(f['prompt'])}" if "prompt" in f else ""
+            raise DataError(
+                f"{rec.where}: prompt: expected a non-empty `prompt` string, a `messages` list or an alpaca "
+                f"`instruction` (record has {field_list(f)}{got})"
+            )
+    if not out:
+        raise DataError(f"{path}: no prompts")
+    return out
