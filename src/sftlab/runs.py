@@ -26,6 +26,7 @@ from .config import RunConfig, ignore_saved_remote_code, load_config
 from .errors import RunDirError
 from .files import check_safetensors, read_json, read_json_object
 from .methods import MethodContext, MethodSpec, get_method, multitask
+from .train.device import usable_device
 
 RUN_INFO = "sftlab.json"
 TASKS_INDEX = "tasks.json"  # a multi-task run's tasks: name, kind, format, label names, path under final/
@@ -167,6 +168,7 @@ def load_run(
     if labels:  # a rebuilt base names its classes LABEL_0..; the run's names say what each output means
         model.config.id2label = dict(enumerate(labels))
         model.config.label2id = {name: i for i, name in enumerate(labels)}
+    model.to(usable_device(cfg.train.device))  # eval/generate where the run trained, or here on the CPU
     model.eval()
     return model, tokenizer, cfg
 

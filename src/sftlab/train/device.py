@@ -59,6 +59,15 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
     return torch.device(name)
 
 
+def usable_device(name: str) -> torch.device:
+    """`train.device` for using a trained run (eval, generate, merge): the device it names when this machine has it,
+    else the CPU (a run trained on a GPU is still usable here)."""
+    try:
+        return resolve_device(name)
+    except ConfigError:
+        return torch.device("cpu")
+
+
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """The batch's tensors on `device` (the same dict when they are there already: the CPU path copies nothing)."""
     if all(not torch.is_tensor(v) or v.device == device for v in batch.values()):

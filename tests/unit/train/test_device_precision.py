@@ -182,3 +182,14 @@ def test_trains_on_cuda_and_resumes_on_cpu(tmp_path, precision):
 def test_train_on_cuda_end_to_end(tmp_path):
     summary = train(make_config(tmp_path, method={"name": "lora"}, train={"device": "cuda", "max_steps": 3}))
     assert summary["status"] == "completed"
+
+
+def test_a_run_is_usable_where_its_device_is_missing():
+    """eval/generate/merge load a run onto the device it trained on when this machine has it, else the CPU."""
+    from sftlab.train.device import usable_device
+
+    assert usable_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert usable_device("cuda:3") == torch.device("cpu")
+        with pytest.raises(ConfigError):
+            resolve_device("cuda:3")  # training there is an error; using its result is not
