@@ -12,6 +12,7 @@ from helpers import classification_rows, make_config, write_jsonl
 
 from sftlab.cli.main import main
 from sftlab.data import encode_prompt
+from sftlab.errors import DataError
 from sftlab.eval.run import EvalOptions, evaluate_run
 from sftlab.generate import Answers, generate_ids
 from sftlab.hub import load_model
@@ -143,3 +144,18 @@ def test_seq_cls_eval_refuses_generation_metrics(tmp_path, capsys):
     train(cfg, log=lambda *_: None)
     assert main(["eval", str(tmp_path / "run"), "--metrics", "bleu"]) == 2
     assert "a seq-cls run predicts a class, it does not generate" in capsys.readouterr().err
+
+
+def test_eval_data_may_be_a_datasets_yaml_name_from_the_run_dir(lm_run, tmp_path, monkeypatch):
+    run, rows = lm_run
+    held = write_jsonl(tmp_path / "held.jsonl", [{"q": "Repeat: sun", "a": "sun sun"}])
+    (run / "datasets.yaml").write_text(
+        f"held:\n  file: {held}\n  format: alpaca\n  columns: {{instruction: q, output: a}}\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    res = evaluate_run(run, EvalOptions(data="held", generate=True, max_new_tokens=2, write=False))
+    assert res["data"] == str(held) and res["prompts"] == 1
+    with pytest.raises(
+        DataError, match="--data: .hled. is neither a file nor a dataset name.*known names: held"
+    ):
+        evaluate_run(run, EvalOptions(data="hled", generate=True, write=False))

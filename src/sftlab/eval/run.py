@@ -186,7 +186,7 @@ def _data_config(
         update["label_names"] = labels
     data_cfg = data_cfg.model_copy(update=update)
     if opts.data:
-        where = opts.data
+        where = update["train"]
     elif data_cfg.eval:
         where = data_cfg.eval
     elif data_cfg.eval_fraction > 0 and (opts.task is not None or generate):
