@@ -71,6 +71,11 @@ class ModelConfig(StrictModel):
     compute_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="Dtype quantised weights are decoded to for their GEMMs; null: model.dtype."
     )
+    quant_backend: Literal["torch", "bitsandbytes"] = Field(
+        "torch",
+        description="Who holds the codes: torch (sftlab's NF4/int8 layers, pure PyTorch, any device; the same NF4 "
+        "codes as torchao's NF4Tensor) | bitsandbytes (its Linear4bit/Linear8bitLt, as PEFT/TRL use; CUDA only).",
+    )
 
     def quant_spec(self):
         """The `quant.QuantSpec` of this model (None when model.quantize is null)."""
@@ -78,7 +83,7 @@ class ModelConfig(StrictModel):
 
         if self.quantize is None:
             return None
-        return QuantSpec(self.quantize, self.double_quant, self.compute_dtype)
+        return QuantSpec(self.quantize, self.double_quant, self.compute_dtype, self.quant_backend)
 
 
 class MixingConfig(StrictModel):

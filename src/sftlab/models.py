@@ -305,6 +305,8 @@ def _streamed(
     that do not match the model), which load whole and are quantised right after."""
     from transformers import AutoConfig, GenerationConfig
 
+    if quant.backend != "torch":
+        return None
     gguf_file = kwargs.get("gguf_file")
     files = None if gguf_file else safetensors_files(Path(src))
     if not gguf_file and files is None:

@@ -8,21 +8,33 @@ checkpoint or to final/. `dequantize_model` turns them back into plain layers fo
   codecs.py   NF4 (blockwise absmax, double quantisation) and int8 (per-row absmax), pure PyTorch
   linear.py   QuantLinear: decode, GEMM, drop; backward decodes again
   model.py    which layers, quantize_model / dequantize_model, weight_memory for the summary
-  gguf.py     a GGUF file read tensor by tensor straight into a quantised model
+  stream.py   a safetensors directory or a GGUF file read tensor by tensor straight into a quantised model
+  bnb.py      the bitsandbytes backend (Linear4bit / Linear8bitLt, CUDA only)
 """
 
 from .codecs import NF4_CODE, dequantize_int8, dequantize_nf4, quantize_int8, quantize_nf4
 from .linear import KINDS, QuantLinear
-from .model import QuantSpec, dequantize_model, quant_spec, quantizable, quantize_model, weight_memory
+from .model import (
+    QuantSpec,
+    decoded_layer,
+    dequantize_model,
+    is_quantized_layer,
+    quant_spec,
+    quantizable,
+    quantize_model,
+    weight_memory,
+)
 
 __all__ = [
     "KINDS",
     "NF4_CODE",
     "QuantLinear",
     "QuantSpec",
+    "decoded_layer",
     "dequantize_int8",
     "dequantize_model",
     "dequantize_nf4",
+    "is_quantized_layer",
     "quant_spec",
     "quantizable",
     "quantize_int8",

@@ -13,23 +13,29 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from . import bnb
 from .linear import KINDS, QuantLinear
 
+BACKENDS = ("torch", "bitsandbytes")
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """How to quantise a base: `kind` nf4 | int8, NF4 double quantisation, the GEMMs' dtype (None: the model's)."""
+    """How to quantise a base: `kind` nf4 | int8, NF4 double quantisation, the GEMMs' dtype (None: the model's),
+    and whose layers hold the codes: sftlab's QuantLinear (`torch`, any device) or bitsandbytes' (CUDA)."""
 
     kind: str = "nf4"
     double_quant: bool = True
     compute_dtype: str | None = None
+    backend: str = "torch"
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"model.quantize: {self.kind!r} is not one of {', '.join(KINDS)}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"model.quant_backend: {self.backend!r} is not one of {', '.join(BACKENDS)}")
         if self.compute_dtype is not None and self.compute_dtype not in _DTYPES:
             raise ValueError(
                 f"model.compute_dtype: {self.compute_dtype!r} is not one of {', '.join(_DTYPES)}"
@@ -62,13 +68,29 @@ def quantizable(model: nn.Module) -> list[str]:
 def quantize_model(model: nn.Module, spec: QuantSpec) -> list[str]:
     """Replace the frozen linears (see `quantizable`) by QuantLinear, one at a time; returns their paths."""
     paths = quantizable(model)
+    if spec.backend == "bitsandbytes":
+        bnb.require()
     for path in paths:
         parent, child = _parent(model, path)
         layer = getattr(parent, child)
-        setattr(parent, child, QuantLinear(layer, spec.kind, spec.double_quant, spec.torch_compute_dtype()))
+        cdt = spec.torch_compute_dtype()
+        if spec.backend == "bitsandbytes" and type(layer) is nn.Linear:  # GPT-2's Conv1D: sftlab's layer
+            new = bnb.bnb_layer(layer, spec.kind, spec.double_quant, cdt)
+        else:
+            new = QuantLinear(layer, spec.kind, spec.double_quant, cdt)
+        setattr(parent, child, new)
         del layer  # the full-precision weight goes with the last reference
     model._sftlab_quant = spec
     return paths
+
+
+def is_quantized_layer(m: nn.Module) -> bool:
+    return isinstance(m, QuantLinear) or bnb.is_bnb_layer(m)
+
+
+def decoded_layer(m: nn.Module) -> nn.Module:
+    """The plain full-precision layer a quantised one (sftlab's or bitsandbytes') stands for."""
+    return m.to_float() if isinstance(m, QuantLinear) else bnb.bnb_to_float(m)
 
 
 def quant_spec(model: nn.Module) -> QuantSpec | None:
@@ -80,10 +102,10 @@ def quant_spec(model: nn.Module) -> QuantSpec | None:
 def dequantize_model(model: nn.Module) -> int:
     """Replace every QuantLinear (also inside wrappers such as LoRA's base_layer) by the plain layer it decodes
     to; returns how many. The model is then an ordinary HF model again (for merging and `save_pretrained`)."""
-    found = [(p, m) for p, m in model.named_modules() if isinstance(m, QuantLinear)]
+    found = [(p, m) for p, m in model.named_modules() if is_quantized_layer(m)]
     for path, m in found:
         parent, child = _parent(model, path)
-        setattr(parent, child, m.to_float())
+        setattr(parent, child, decoded_layer(m))
     if hasattr(model, "_sftlab_quant"):
         del model._sftlab_quant
     return len(found)

@@ -18,7 +18,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ... import gemm
 from ...errors import ConfigError
-from ...quant import QuantLinear
+from ...quant import QuantLinear, decoded_layer, is_quantized_layer
 from .._adapters import Switch, mix_rows
 from .config import LoraConfig
 
@@ -85,7 +85,8 @@ class LoraLayer(Switch):
         self.base_layer = base_layer
         # Conv1D stores its weight as (d_in, d_out): PEFT calls this fan_in_fan_out.
         self.fan_in_fan_out = isinstance(base_layer, Conv1D) or getattr(base_layer, "transposed", False)
-        if isinstance(base_layer, QuantLinear):
+        # bitsandbytes' Linear4bit is an nn.Linear whose weight is packed, not (out, in): read the attributes
+        if isinstance(base_layer, (QuantLinear, nn.Linear)):
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         else:
             w = base_layer.weight
@@ -100,7 +101,7 @@ class LoraLayer(Switch):
         self.fused: dict[str, bool] = {}  # adapter -> may take the fused forward (LoraConfig.fused_forward)
         self.merged: str | None = None
         self._merge_norm: torch.Tensor | None = None  # DoRA row norms at merge time, to unmerge exactly
-        self._parked: list[QuantLinear] = []  # a quantised base set aside while merged into its decoded copy
+        self._parked: list[nn.Module] = []  # a quantised base set aside while merged into its decoded copy
 
     # Code elsewhere in transformers reads `.weight`/`.bias` of projections (e.g. for dtype checks).
     @property
@@ -112,13 +113,16 @@ class LoraLayer(Switch):
         return self.base_layer.bias
 
     def quantized(self) -> bool:
-        return isinstance(self.base_layer, QuantLinear)
+        return is_quantized_layer(self.base_layer)
 
     def _base_dtype_device(self) -> tuple[torch.dtype, torch.device]:
         base = self.base_layer
         if isinstance(base, QuantLinear):
             return base.compute_dtype, base.q_codes.device
-        return base.weight.dtype, base.weight.device
+        w = base.weight
+        if not w.dtype.is_floating_point:  # bitsandbytes' packed codes
+            return getattr(base, "compute_dtype", None) or torch.float32, w.device
+        return w.dtype, w.device
 
     def base_weight(self) -> torch.Tensor:
         """W as (d_out, d_in), a view of the base parameter (in-place edits reach it); a quantised base: a
@@ -143,6 +147,11 @@ class LoraLayer(Switch):
             raise ConfigError(
                 "method.init: pissa rewrites the base weights to their residual, and this base is quantised "
                 "(model.quantize); use init default or gaussian, or drop model.quantize"
+            )
+        if cfg.use_dora and self.quantized() and not isinstance(self.base_layer, QuantLinear):
+            raise ConfigError(
+                "method.use_dora: DoRA reads the base weights' row norms every step, which sftlab does not decode "
+                "from bitsandbytes layers; use model.quant_backend: torch (DoRA works there), or plain LoRA"
             )
         w_dtype, device = self._base_dtype_device()
         # Half-precision bases get fp32 adapters (as PEFT's autocast_adapter_dtype): tiny, and stable to train.
@@ -298,9 +307,9 @@ class LoraLayer(Switch):
             return
         if self.merged is not None:
             self.unmerge()
-        if isinstance(self.base_layer, QuantLinear):  # merge into its decoded copy; unmerge puts it back
+        if self.quantized():  # merge into its decoded copy; unmerge puts the quantised layer back
             self._parked = [self.base_layer]
-            self.base_layer = self.base_layer.to_float()
+            self.base_layer = decoded_layer(self.base_layer)
         W = self.base_weight()
         w, delta = self._work(W, name)  # (d_out, d_in), in fp32 or wider
         if name in self.lora_magnitude_vector:
