@@ -118,7 +118,10 @@ def read_config(run: str | Path) -> dict:
 def eval_files(run: str | Path) -> list[Path]:
     """Evaluation results kept in the run directory: eval*.json (`sftlab eval`) and quickstart.json."""
     run = Path(run)
-    return sorted(p for p in run.glob("*.json") if p.name.startswith("eval") or p.name == "quickstart.json")
+    found = [p for p in run.glob("*.json") if p.name.startswith("eval") or p.name == "quickstart.json"]
+    # `sftlab eval`'s default --out is RUN/eval/ (a multi-task run's RUN/eval/<task>/)
+    found += run.glob("eval/**/eval.json")
+    return sorted(found)
 
 
 def flatten(data: Any, prefix: str = "", records: bool = True) -> dict[str, Any]:
