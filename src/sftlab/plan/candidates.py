@@ -1,8 +1,9 @@
 """The methods a plan weighs: the survey's families, each as a `method:` section sftlab trains as it stands.
 
 Full fine-tuning, freezing all but the last blocks, LoRA at three ranks and DoRA (on every linear layer, alpha = 2r),
-bottleneck adapters as Houlsby and Pfeiffer place them, prefix tuning and prompt tuning. A method sftlab does not
-have yet is listed with `available=False` and the reason, so the table says so instead of hiding it.
+bottleneck adapters as Houlsby and Pfeiffer place them, prefix tuning and prompt tuning, and QLoRA (LoRA r=16 on an
+NF4 base: `extra["quantize"]`, the run config's model.quantize). A method sftlab does not have yet is listed with
+`available=False` and the reason, so the table says so instead of hiding it.
 """
 
 from __future__ import annotations
@@ -70,14 +71,15 @@ def candidates(layers: int, task: str) -> list[Candidate]:
             virtual_tokens=16,
         )
     )
+    qlora = {"name": "lora", "r": 16, "alpha": 32.0, "target_modules": "all-linear"}
     out.append(
         Candidate(
             "qlora-r16",
-            "4-bit + LoRA r=16",
-            {},
+            "NF4 base + LoRA r=16",
+            qlora,
             "reparameterized",
-            available=False,
-            note="not available: sftlab has no quantised base model yet",
+            merges=True,
+            extra={"quantize": "nf4"},
         )
     )
     return out

@@ -23,7 +23,7 @@ base with a small trainable part.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -31,11 +31,13 @@ from ..config import PerfConfig, RunConfig
 from ..methods import get_method
 from ..methods._targets import count_parameters
 from ..models import DTYPES
-from .activations import Bytes, Pass, pass_activation_bytes
+from ..quant import quantizable
+from .activations import Bytes, Pass, block_bytes_per_token, pass_activation_bytes
 from .candidates import Candidate
 from .device import Device, Throughput
 from .model import ModelSource, Shape, meta_model, shape_of, with_method
 from .structure import BlockTraining, head_matmul, outside_matmul, read_blocks
+from .timing import Rates, Work, step_seconds
 from .workload import Workload
 
 # Resident memory beyond the live tensors, as a share of the activations: a step frees and re-allocates its
@@ -101,6 +103,8 @@ class Estimate:
     flops_forward: float = 0.0  # per real token
     flops_train: float = 0.0  # per real token, forward + backward
     tokens_per_epoch: float = 0.0
+    tokens_per_s: float | None = None  # training tokens/s: the calibrated time model (CPU), or FLOPs / throughput
+    time_model: str = ""  # which of the two
     time_per_epoch_s: float | None = None
     storage_bytes: float = 0.0  # what one task's run saves in final/
     inference_extra: float = 0.0  # extra FLOPs per token at inference, as trained
@@ -156,6 +160,18 @@ def block_flops(
 ) -> tuple[float, float]:
     """(forward, backward) FLOPs of block b over n tokens attending to `keys` keys; `source`: a T5 decoder block's
     source length (its cross-attention reads that many keys, projected once per source token)."""
+    w = block_work(shape, b, n, keys, mlp_share, source)
+    fwd = w["gemm_fwd"] + w["thin_fwd"] + w["attn_fwd"]
+    return fwd, w["gemm"] + w["wgrad"] + w["thin"] + w["attention"] - fwd
+
+
+def block_work(
+    shape: Shape, b: BlockTraining, n: float, keys: float, mlp_share: float, source: float = 0
+) -> dict[str, float]:
+    """Block b's FLOPs by kind of work (plan/timing.py), forward + backward: base GEMMs (forward 2N, input
+    gradients 2N where a gradient flows), weight gradients (2N of the weights that train), the method's thin
+    products (LoRA A/B, adapter down/up: 2 forward, 4 backward per weight), attention (4·q·s forward, twice that
+    backward); `*_fwd`: the forward share."""
     mm = (
         (b.matmul - b.matmul_mlp - b.matmul_source) * n
         + b.matmul_mlp * mlp_share * n
@@ -163,11 +179,16 @@ def block_flops(
     )
     trains = (b.matmul_trains - b.matmul_source_trains) * n + b.matmul_source_trains * source
     attn = 4 * shape.q * n * (keys + source)
-    fwd = 2 * mm + 2 * b.added * n + attn
-    if not b.grads:
-        return fwd, 0.0
-    bwd = 2 * mm + 2 * trains + 4 * b.added * n + 2 * attn
-    return fwd, bwd
+    back = 1 if b.grads else 0
+    return {
+        "gemm_fwd": 2 * mm,
+        "thin_fwd": 2 * b.added * n,
+        "attn_fwd": attn,
+        "gemm": 2 * mm * (1 + back),
+        "wgrad": 2 * trains * back,
+        "thin": 2 * b.added * n * (1 + 2 * back),
+        "attention": attn * (1 + 2 * back),
+    }
 
 
 def example_flops(
@@ -206,6 +227,75 @@ def example_flops(
     return fwd, fwd + bwd
 
 
+def thin_width(cand: Candidate, b: BlockTraining) -> int:
+    """The inner width of the method's thin products in block b: LoRA's rank, an adapter's bottleneck."""
+    return int(cand.method.get("r") or (b.adapters[0] if b.adapters else 0) or 1)
+
+
+def step_work(
+    shape: Shape,
+    blocks: list[BlockTraining],
+    head: tuple[int, bool],
+    other: int,
+    task: str,
+    w: Workload,
+    s: Settings,
+    cand: Candidate,
+    by: Bytes,
+    trainable: int,
+) -> Work:
+    """What one optimizer step of `s.batch_size` mean-length examples does, by kind (plan/timing.py)."""
+    work = Work(trainable=trainable)
+    # sftlab packs a causal-lm batch into rows and runs attention per example (train/varlen.py), unmasked; prompt
+    # tuning turns packing off (a padded batch, masked); prefix tuning packs but attends through a mask over the
+    # whole row (its extra keys go through the cache path), so each query spans the row; other tasks are padded.
+    work.masked_attention = bool(cand.virtual_tokens or cand.prefix_tokens) or task != "causal-lm"
+    packed_prefix = task == "causal-lm" and bool(cand.prefix_tokens) and not cand.virtual_tokens
+    length, target, share = w.mean_tokens, w.target_mean, w.supervised_share
+    n = length + cand.virtual_tokens
+    p = _pass(w, s, task, cand)
+    decoder = [b for b in blocks if b.stack.startswith("decoder")] if shape.family == "t5" else []
+    last = blocks[-1] if blocks else None
+    for b in blocks:
+        if b in decoder:
+            parts = block_work(shape, b, target, target + cand.prefix_tokens, 1.0, source=length)
+            tokens = target
+        else:
+            trim = task == "causal-lm" and b is last and not cand.virtual_tokens
+            span = p.tokens if packed_prefix else n  # keys each query reads
+            parts = block_work(shape, b, n, span + cand.prefix_tokens, share if trim else 1.0)
+            tokens = n
+        work.gemm += parts["gemm"]
+        work.wgrad += parts["wgrad"]
+        work.add_thin(thin_width(cand, b), parts["thin"])
+        work.attention += parts["attention"]
+        if b.grads:
+            work.block_tokens_train += tokens
+            # the method's own kept tensors (LoRA's x A, an adapter's bottleneck, DoRA's norms): written, read, and
+            # their gradients written and read
+            plain = replace(b, lora_ranks=0, dora_width=0, adapters=[])
+            extra = block_bytes_per_token(shape, b, p, by) - block_bytes_per_token(shape, plain, p, by)
+            work.elementwise_bytes += 4 * tokens * max(0.0, extra)
+        else:
+            work.block_tokens_forward += tokens
+        if b.dora_width:  # DoRA: every step forms W + BA and its column norms, forward and backward
+            work.add_thin(thin_width(cand, b), 3 * 2 * thin_width(cand, b) * b.matmul / s.batch_size)
+            work.elementwise_bytes += 4 * 3 * b.matmul * by.e / s.batch_size
+    head_w, head_trains = head
+    rows = {"causal-lm": length * share, "seq2seq": target}.get(task, 0.0)
+    any_grad = any(b.grads for b in blocks)
+    work.gemm += 2 * head_w * rows * (2 if any_grad else 1) + 2 * other
+    work.wgrad += 2 * head_w * rows if head_trains else 0.0
+    if task in ("causal-lm", "seq2seq"):  # the loss: logits written, softmax read and written, gradient read
+        work.elementwise_bytes += 4 * rows * shape.vocab * 4
+    k = s.batch_size
+    work.gemm, work.wgrad, work.attention = k * work.gemm, k * work.wgrad, k * work.attention
+    work.thin = {wd: k * fl for wd, fl in work.thin.items()}
+    work.elementwise_bytes *= k
+    work.block_tokens_train, work.block_tokens_forward = k * work.block_tokens_train, k * work.block_tokens_forward
+    return work
+
+
 def inference_extra(shape: Shape, blocks: list[BlockTraining], cand: Candidate) -> tuple[float, float | None]:
     """Extra FLOPs per token at inference over the base model: (as trained, after merging or None)."""
     added = sum(b.added for b in blocks)
@@ -230,8 +320,10 @@ def estimate(
     device: Device,
     tput: Throughput,
     base_total: int | None = None,
+    rates: Rates | None = None,
 ) -> Estimate:
-    """Every number of `cand` for this model, workload, settings and device."""
+    """Every number of `cand` for this model, workload, settings and device. Time: `rates` (this CPU's, measured
+    by plan/timing.py) when given, else the FLOPs at the device's throughput."""
     est = Estimate(cand)
     if not cand.available:
         est.notes.append(cand.note)
@@ -254,8 +346,9 @@ def estimate(
         rows = min(s.loss_chunk_size, max(1, round(p.tokens * p.supervised_share)))
         workspace += rows * shape.vocab * 4
     workspace += 2 * p.tokens * shape.ffn * e
+    quantized_weights = _quantized_saving(source, dtype, cand, e)
     est.memory = Memory(
-        est.total * e,
+        est.total * e - quantized_weights,
         est.trainable * e,
         2 * est.trainable * e,
         act,
@@ -273,16 +366,45 @@ def estimate(
     )  # fmt: skip
     est.flops_forward, est.flops_train = fwd / per_example, train / per_example
     est.tokens_per_epoch = w.tokens
-    if tput.flops > 0:
-        est.time_per_epoch_s = est.flops_train * est.tokens_per_epoch * s.epochs / tput.flops
+    if rates is not None:
+        work = step_work(shape, blocks, head, outside_matmul(model, source.task), source.task, w, s, cand, by,
+                         est.trainable)  # fmt: skip
+        est.tokens_per_s = s.batch_size * per_example / step_seconds(work, rates)
+        est.time_model = "calibrated"
+    elif tput.flops > 0:
+        est.tokens_per_s = tput.flops / est.flops_train
+        est.time_model = "flops"
+    if est.tokens_per_s:
+        est.time_per_epoch_s = est.tokens_per_epoch * s.epochs / est.tokens_per_s
     saves_full = get_method(cand.method["name"]).saves_full_model
     est.storage_bytes = (est.total if saves_full else est.trainable) * e
     est.inference_extra, est.inference_extra_merged = inference_extra(shape, blocks, cand)
     est.fits = est.memory.peak <= device.memory
     est.fits_ckpt = est.memory.peak_ckpt <= device.memory
+    if quantized_weights:
+        est.notes.append(
+            "NF4 base: weights counted at 4.13 bits; time leaves out decoding each weight per GEMM (measured ~15% "
+            "of a LoRA step on CPU)"
+        )
     if not shape.known:
         est.notes.append(f"model_type {shape.model_type!r} is sized as Llama-like (approximate)")
     return est
+
+
+# Bytes a weight takes in a quantised base: NF4 codes + int8 block scales (+ fp32 factor per 256 scales) | int8 + a
+# per-row scale (ignored). See quant/codecs.py.
+QUANT_BYTES = {"nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0}
+
+
+def _quantized_saving(source: ModelSource, dtype: torch.dtype, cand: Candidate, e: int) -> float:
+    """Bytes a quantised base (cand.extra["quantize"]) saves on its linear weights (the layers sftlab quantises:
+    every linear but the heads); 0 for other candidates."""
+    kind = cand.extra.get("quantize")
+    if not kind:
+        return 0.0
+    base = meta_model(source, dtype)
+    n = sum(base.get_submodule(p).weight.numel() for p in quantizable(base))
+    return n * (e - QUANT_BYTES[kind])
 
 
 def run_config(source: ModelSource, cand: Candidate, s: Settings, data: dict, output_dir: str) -> RunConfig:
@@ -290,10 +412,14 @@ def run_config(source: ModelSource, cand: Candidate, s: Settings, data: dict, ou
     from ..config import build_config
 
     raw = {
-        "model": {"name": source.name, "task": source.task, "dtype": s.dtype},
+        "model": {"name": source.name, "task": source.task, "dtype": s.dtype, **_quant_keys(cand)},
         "method": dict(cand.method),
         "data": data,
         "train": {"output_dir": output_dir, "batch_size": s.batch_size, "epochs": s.epochs},
         "perf": {"micro_batch_tokens": s.micro_batch_tokens, "loss_chunk_size": s.loss_chunk_size},
     }
     return build_config(raw, "plan")
+
+
+def _quant_keys(cand: Candidate) -> dict:
+    return {"quantize": cand.extra["quantize"]} if cand.extra.get("quantize") else {}

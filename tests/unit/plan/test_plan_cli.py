@@ -44,7 +44,9 @@ def test_plan_a_7b_model_offline_from_its_config_json_alone(llama7b, capsys):
     assert rows["lora-r16"]["trainable_params"] == layers * 16 * (4 * 2 * h + 3 * (h + f))
     assert rows["full"]["memory"]["weights"] == 6_738_415_616 * 2  # bf16 on CUDA
     assert rows["full"]["fits"] is False and rows["lora-r16"]["fits_checkpointed"] is True
-    assert rows["qlora-r16"]["available"] is False
+    q, lo = rows["qlora-r16"], rows["lora-r16"]  # NF4 base: 4.13 bits a linear weight instead of 16
+    assert q["available"] is True and q["trainable_params"] == lo["trainable_params"]
+    assert q["memory"]["weights"] < 0.4 * lo["memory"]["weights"]
     assert rows["lora-r16"]["inference_extra_flops_per_token_merged"] == 0
     assert rows["full"]["storage_per_task"] > 100 * rows["lora-r16"]["storage_per_task"]  # 13.5 GB vs 80 MB
     rec = out["recommendation"]
@@ -139,7 +141,7 @@ def test_the_table_prints_every_candidate_and_the_reasons(capsys):
                  "--device", "cpu:1GB", "--needs", "low-latency"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     for label in ("full", "LoRA r=64", "DoRA r=16", "adapter (Houlsby)", "adapter (Pfeiffer)", "prefix (16)",
-                  "prompt (16)", "4-bit + LoRA r=16"):  # fmt: skip
+                  "prompt (16)", "NF4 base + LoRA r=16"):  # fmt: skip
         assert label in out
     assert "recommendation: LoRA r=16" in out and "application (3): low latency" in out
 
