@@ -340,3 +340,16 @@ def test_resume_with_a_quantised_base_is_bit_identical(tmp_path, monkeypatch):
     assert ref.keys() == got.keys()
     for k in ref:
         assert torch.equal(ref[k], got[k]), k
+
+
+def test_dora_on_a_quantised_base_starts_at_the_base_and_trains_only_the_adapter():
+    base, _ = load_model("tiny-llama", quant=QuantSpec("nf4"))
+    model = _qlora(use_dora=True)
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, base(ids).logits, rtol=1e-5, atol=1e-5)
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad and all(".lora_" in n for n in with_grad)
+    assert any(".lora_magnitude_vector." in n for n in with_grad)
