@@ -29,7 +29,8 @@ from .train.checkpoint import STATE_FILE, list_checkpoints
 
 MANIFEST = ".sftlab-run.json"
 ASIDE = ".previous-run"  # the replaced run's entries while the new one has not yet written a checkpoint
-ENTRIES = ("config.yaml", "checkpoints", "final", "metrics.jsonl", "summary.json", "loss.png")
+ENTRIES = ("config.yaml", "checkpoints", "final", "metrics.jsonl", "summary.json", "loss.png",
+           "eval", "tensorboard", "wandb")  # sftlab eval's default --out; train.report_to's local files  # fmt: skip
 _MARKS = ("config.yaml", "checkpoints", "final")  # what makes a directory look like a run
 
 

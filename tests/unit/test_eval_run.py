@@ -159,3 +159,14 @@ def test_eval_data_may_be_a_datasets_yaml_name_from_the_run_dir(lm_run, tmp_path
         DataError, match="--data: .hled. is neither a file nor a dataset name.*known names: held"
     ):
         evaluate_run(run, EvalOptions(data="hled", generate=True, write=False))
+
+
+def test_overwriting_a_run_replaces_its_evaluation_too(tmp_path, capsys):
+    """RUN/eval/ is sftlab's (the run's manifest lists it): a run started over with --overwrite does not keep the old
+    run's eval.json, which would describe another model."""
+    cfg = make_config(tmp_path, "tiny-bert", "seq-cls", train={"max_steps": 1})
+    train(cfg, log=lambda *_: None)
+    assert main(["eval", str(tmp_path / "run")]) == 0
+    assert (tmp_path / "run" / "eval" / "eval.json").is_file()
+    train(cfg, overwrite=True, log=lambda *_: None)
+    assert not (tmp_path / "run" / "eval").exists() and (tmp_path / "run" / "final").is_dir()
