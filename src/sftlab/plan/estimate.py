@@ -103,7 +103,7 @@ class Estimate:
     flops_forward: float = 0.0  # per real token
     flops_train: float = 0.0  # per real token, forward + backward
     tokens_per_epoch: float = 0.0
-    tokens_per_s: float | None = None  # training tokens/s: the calibrated time model (CPU), or FLOPs / throughput
+    tokens_per_s: float | None = None  # training: the calibrated time model (CPU), or FLOPs / throughput
     time_model: str = ""  # which of the two
     time_per_epoch_s: float | None = None
     storage_bytes: float = 0.0  # what one task's run saves in final/
@@ -292,7 +292,8 @@ def step_work(
     work.gemm, work.wgrad, work.attention = k * work.gemm, k * work.wgrad, k * work.attention
     work.thin = {wd: k * fl for wd, fl in work.thin.items()}
     work.elementwise_bytes *= k
-    work.block_tokens_train, work.block_tokens_forward = k * work.block_tokens_train, k * work.block_tokens_forward
+    work.block_tokens_train *= k
+    work.block_tokens_forward *= k
     return work
 
 

@@ -17,6 +17,7 @@ from ..errors import ConfigError
 from ..models import DTYPES
 from . import device as devices
 from . import measure as measuring
+from . import timing
 from .candidates import Candidate, candidates
 from .estimate import Estimate, Settings, estimate, meta_model, run_config
 from .model import ModelSource, resolve
@@ -134,9 +135,40 @@ def make_plan(inp: PlanInputs, log=print) -> Plan:
 
     base_total = count_parameters(meta_model(source, DTYPES[dtype]))[1]
     layers = max(1, _layers(source))
-    ests = [estimate(source, c, w, settings, dev, tput, base_total) for c in candidates(layers, source.task)]
+    cands = candidates(layers, source.task)
+    rates = None
+    if dev.kind == "cpu" and dev.source == "detected" and inp.throughput_tflops is None:
+        rates = timing.calibrate(probe_shape(source, w, settings), threads, thin_widths(source, cands))
+        tput = devices.Throughput(tput.flops, f"{tput.described}; time model {rates.describe()}")
+    ests = [estimate(source, c, w, settings, dev, tput, base_total, rates) for c in cands]
     sit = situation_of(ests, w, inp, base_total, inp.epochs)
     return Plan(inp, source, w, dev, settings, tput, ests, sit, decide(sit), threads=threads)
+
+
+def probe_shape(source: ModelSource, w: Workload, s: Settings) -> timing.ProbeShape:
+    """The shapes the time model's probes run at: this plan's pass (batch of mean-length examples)."""
+    from .model import shape_of
+
+    sh = shape_of(source.config)
+    length = max(1, round(w.mean_tokens))
+    return timing.ProbeShape(
+        rows=s.batch_size * length, hidden=sh.hidden, ffn=sh.ffn, heads=sh.heads, head_dim=max(1, sh.q // sh.heads),
+        length=length, examples=s.batch_size, extra_keys=0, causal=source.task == "causal-lm",
+    )  # fmt: skip
+
+
+def thin_widths(source: ModelSource, cands: list[Candidate]) -> tuple[int, ...]:
+    """The inner widths of the candidates' thin products: LoRA ranks, adapter bottlenecks (hidden / reduction)."""
+    from .model import shape_of
+
+    hidden = shape_of(source.config).hidden
+    out = set()
+    for c in cands:
+        if c.method.get("r"):
+            out.add(int(c.method["r"]))
+        if c.method.get("reduction_factor"):
+            out.add(max(1, int(hidden // c.method["reduction_factor"])))
+    return tuple(sorted(out))
 
 
 def _layers(source: ModelSource) -> int:

@@ -42,9 +42,7 @@ def human_time(s: float | None) -> str:
 
 
 def est_tokens_per_s(plan: Plan, e: Estimate) -> float | None:
-    if not plan.throughput.flops or not e.flops_train:
-        return None
-    return plan.throughput.flops / e.flops_train
+    return e.tokens_per_s
 
 
 def _err(est: float | None, got: float | None) -> float | None:
