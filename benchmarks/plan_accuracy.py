@@ -1,10 +1,11 @@
 """`sftlab plan`'s estimates against measured steps, per method: peak memory and tokens/s.
 
-Runs `sftlab plan --measure --json` (each candidate's steps in its own process: `plan/measure.py`) on the
-20M-parameter Llama of examples/plan/llama-21m/config.json (the B1 workload's shape, scaled down: random weights
-built from the config) and prints a markdown table: estimate, measured, error = (estimate - measured) / measured.
-Targets from issue 19: memory within 15%, throughput within 30%. Run under the bench lock:
-`flock /tmp/sftlab-bench.lock python -m benchmarks.plan_accuracy`.
+Runs `sftlab plan --measure --json` (each candidate's steps in its own process: `plan/measure.py`) on each
+--model: by default the 20M-parameter Llama of examples/plan/llama-21m/config.json (the B1 workload's shape, scaled
+down: random weights built from the config) and the SmolLM2-135M demo model (its real weights, cached by
+`sftlab quickstart`), and prints a markdown table per model: estimate, measured, error = (estimate - measured) /
+measured, then the closing figure over all rows. Targets from issue 19: memory within 15%, throughput within 30%.
+Run under the bench lock: `flock /tmp/sftlab-bench.lock python -m benchmarks.plan_accuracy`.
 """
 
 from __future__ import annotations
@@ -26,21 +27,16 @@ def _pct(x: float | None) -> str:
     return f"{x:+.0%}" if x is not None else "-"
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--model", default=str(ROOT / "examples" / "plan" / "llama-21m" / "config.json"))
-    p.add_argument("--examples", default="2000")
-    p.add_argument("--seq-len", default="128")
-    p.add_argument("--batch-size", default="8")
-    p.add_argument("--steps", default="4")
-    p.add_argument("--threads", default="1")
-    args = p.parse_args()
-    cmd = [sys.executable, "-m", "sftlab.cli.main", "plan", "--model", args.model, "--examples", args.examples,
+def run_model(model: str, args: argparse.Namespace, steps: str) -> tuple[int, int, int]:
+    """One model's table; (rows, memory within 15%, tokens/s within 30%)."""
+    cmd = [sys.executable, "-m", "sftlab.cli.main", "plan", "--model", model, "--examples", args.examples,
            "--seq-len", args.seq_len, "--batch-size", args.batch_size, "--device", "cpu", "--measure",
-           "--measure-steps", args.steps, "--threads", args.threads, "--json"]  # fmt: skip
+           "--measure-steps", steps, "--threads", args.threads, "--json"]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     plan = json.loads(out[out.index("{") :])
-    print(f"{plan['model']['source']}; {plan['workload']['described']}; measured on {plan['measured_on']}\n")
+    print(f"### {plan['model']['source']}\n")
+    print(f"{plan['workload']['described']}; measured on {plan['measured_on']}; estimates: "
+          f"{plan['throughput']['described']}\n")  # fmt: skip
     print("| method | peak est. | measured | err | tok/s est. | measured | err |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     within_mem = within_tps = n = 0
@@ -55,7 +51,29 @@ def main() -> None:
         est_tps = c.get("est_tokens_per_s")
         print(f"| {c['label']} | {_mb(c['memory']['peak'])} | {_mb(got['peak_rss_delta'])} | {_pct(pe)} | "
               f"{est_tps:,.0f} | {got['tokens_per_s']:,.0f} | {_pct(te)} |")  # fmt: skip
-    print(f"\nmemory within 15%: {within_mem}/{n}; tokens/s within 30%: {within_tps}/{n}")
+    print(f"\nmemory within 15%: {within_mem}/{n}; tokens/s within 30%: {within_tps}/{n}\n", flush=True)
+    return n, within_mem, within_tps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument(
+        "--model",
+        nargs="+",
+        default=[str(ROOT / "examples" / "plan" / "llama-21m" / "config.json"), "smollm2-135m-instruct"],
+    )
+    p.add_argument("--examples", default="2000")
+    p.add_argument("--seq-len", default="128")
+    p.add_argument("--batch-size", default="8")
+    p.add_argument("--steps", default="4", help="measured steps per method (the first is not timed)")
+    p.add_argument("--large-steps", default="3", help="steps for models above 100M parameters")
+    p.add_argument("--threads", default="1")
+    args = p.parse_args()
+    total = mem = tps = 0
+    for i, model in enumerate(args.model):
+        n, m, t = run_model(model, args, args.steps if i == 0 else args.large_steps)
+        total, mem, tps = total + n, mem + m, tps + t
+    print(f"all models: memory within 15% for {mem}/{total}, throughput within 30% for {tps}/{total}")
 
 
 if __name__ == "__main__":
