@@ -84,8 +84,11 @@ def main() -> int:
         return 0
     sftlab = str(Path(sys.executable).parent / "sftlab")
     subprocess.run([sftlab, "train", str(data / "config.yaml"), "--overwrite"], check=True)
-    evaluate = [sftlab, "eval", args.out, "--data", str(data / "test.jsonl"), "--metrics", "bleu,exact", "--base"]
-    subprocess.run([*evaluate, "--batch-size", "16"], check=True)
+    test = str(data / "test.jsonl")
+    subprocess.run(
+        [sftlab, "eval", args.out, "--data", test, "--metrics", "bleu,exact", "--base", "--batch-size", "16"],
+        check=True,
+    )
     return 0
 
 
