@@ -4,7 +4,10 @@
 without it the device is detected (CUDA when torch sees one, else the CPU). Throughput, in order: `--throughput`
 (sustained training TFLOP/s, stated); on this machine's CPU, its fp32 matmul peak measured now (a 1024^3 product)
 times CPU_EFFICIENCY; on a GPU, the dense peak of the card from PEAK_TFLOPS (by name when detected, else by memory
-size) times GPU_EFFICIENCY. `--measure` replaces all of these with tokens/s measured per method.
+size) times GPU_EFFICIENCY. On this machine's CPU the time estimates do not use that one rate: plan/timing.py
+measures each kind of work (GEMMs, weight gradients, thin products, attention, elementwise ops, the optimizer) at its
+own rate, and the peak stays as the line the report prints. `--measure` replaces all of these with tokens/s
+measured per method.
 
 Efficiencies: sftlab's training step ran at 86-116% of the measured fp32 matmul peak on the CPU benchmarks
 (README, "Speed and memory"), so 0.8 is a slightly cautious CPU figure. sftlab does not train on GPUs yet; 0.4 is

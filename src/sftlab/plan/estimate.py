@@ -19,6 +19,9 @@ through, s: the keys it attends to), the LM head on supervised positions only (s
 block's MLP likewise. Training adds backward: 2N for the input gradients of every block a gradient flows through,
 2N for every weight that trains, twice the attention forward: about 6N for full fine-tuning and 4N for a frozen
 base with a small trainable part.
+
+Time: on this machine's CPU, the step's work split by kind (`step_work`) at the rates plan/timing.py measures now;
+elsewhere (a stated device, `--throughput`) the FLOPs per token at the device's throughput.
 """
 
 from __future__ import annotations
