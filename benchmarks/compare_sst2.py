@@ -18,7 +18,7 @@ from .multitask import SHARED, _tsv, _write_jsonl, minilm_path
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--budget", default="150", help="optimizer steps per method")
+    p.add_argument("--budget", default="150", help="per method: optimizer steps (150) or a time (5m, 90s)")
     p.add_argument("--methods", default="full,lora,adapter,prefix,prompt")
     p.add_argument("--train", type=int, default=2000)
     p.add_argument("--eval", type=int, default=500)

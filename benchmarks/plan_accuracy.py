@@ -66,7 +66,9 @@ def main() -> None:
     p.add_argument("--seq-len", default="128")
     p.add_argument("--batch-size", default="8")
     p.add_argument("--steps", default="4", help="measured steps per method (the first is not timed)")
-    p.add_argument("--large-steps", default="3", help="steps for models above 100M parameters")
+    p.add_argument(
+        "--large-steps", default="3", help="steps for the second and later models (SmolLM2: ~10 s a step)"
+    )
     p.add_argument("--threads", default="1")
     args = p.parse_args()
     total = mem = tps = 0
