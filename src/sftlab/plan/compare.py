@@ -1,7 +1,8 @@
-"""`sftlab compare`: train several methods with the same step budget on the user's data and measure them side by
-side (eval metric, trainable parameters, train time, storage, inference latency vs the base model): the survey's
-method table, measured on the user's task. Each method is a normal run directory under the compare directory,
-trained with resume-or-start semantics, so rerunning after a kill redoes nothing that finished."""
+"""`sftlab compare`: train several methods with the same budget (optimizer steps, or training time) on the user's
+data and measure them side by side (eval metric, trainable parameters, train time, storage, inference cost against the
+base model: forward latency, and generation tokens/s for generation tasks): the survey's method table, measured on
+the user's task. Each method is a normal run directory under the compare directory, trained with resume-or-start
+semantics, so rerunning after a kill redoes nothing that finished."""
 
 from __future__ import annotations
 
