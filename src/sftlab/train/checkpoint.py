@@ -55,11 +55,13 @@ def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
     sd = opt.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
-    for idx, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(
-                v
-            ):  # FSDP2: the whole tensor from the shards (every rank calls, in this order)
+    # Sorted: FSDP2 gathers each tensor (a collective), so the order must be the same on every rank, and a state
+    # loaded from safetensors comes back in no particular order.
+    for idx in sorted(sd["state"]):
+        st = sd["state"][idx]
+        for k in sorted(st):
+            v = st[k]
+            if torch.is_tensor(v):  # FSDP2: the whole tensor from the shards
                 tensors[f"{idx}.{k}"] = full(v.detach()).cpu().contiguous().clone()
             else:
                 scalars.setdefault(str(idx), {})[k] = v

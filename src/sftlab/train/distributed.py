@@ -263,11 +263,12 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 
 def like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """A full tensor `t` laid out as `ref` (sharded like it when `ref` is a DTensor)."""
+    """A full tensor `t` laid out as `ref` (sharded like it when `ref` is a DTensor). Every rank holds the whole `t`
+    (read from the same checkpoint), so each cuts its own shard: no communication."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     if isinstance(ref, DTensor):
-        return distribute_tensor(t.to(ref.device), ref.device_mesh, ref.placements)
+        return distribute_tensor(t.to(ref.device), ref.device_mesh, ref.placements, src_data_rank=None)
     return t
 
 

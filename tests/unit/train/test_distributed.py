@@ -205,3 +205,12 @@ def test_fsdp2_full_fine_tuning_matches_one_process_and_saves_one_hf_directory(t
     ckpt = read_checkpoint(run_fsdp / "checkpoints" / "step-10")
     params = dict(train.__globals__["prepare"](one, log=lambda *_: None)[0].named_parameters())
     assert all(ckpt.weights[n].shape == params[n].shape for n in ckpt.weights)
+    # and an FSDP2 run interrupted at step 6 resumes (shards re-cut from the whole tensors) to the same weights
+    cut = make_config(tmp_path / "cut", **{**common, "train": {**common["train"], "distributed": "fsdp"}})
+    codes, res = _run(tmp_path, 2, cut, stop={"step": 6, "how": "interrupt"})
+    assert res[0] == {"interrupted": True}, res
+    codes, res = _run(tmp_path, 2, cut, resume=True)
+    assert codes == [0, 0] and res[0]["summary"]["steps"] == 10, res
+    c = load_file(str(Path(cut.train.output_dir) / "final" / "model.safetensors"))
+    for k in b:
+        assert torch.equal(c[k], b[k]), k
