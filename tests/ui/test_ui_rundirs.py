@@ -66,22 +66,17 @@ def test_eval_table_lines_up_runs(tmp_path):
     b = _run(tmp_path / "b", eval={"bleu": 9.0, "rouge_l": 0.4, "model": "x", "greedy": True},
              quickstart={"after": {"exact": 1.0}, "examples": [{"score": 1.0}, {"score": 0.0}],
                          "method": {"r": 16}, "max_new_tokens": 41})  # fmt: skip
-    _run(tmp_path / "c", summary={"status": "completed"})
-    header, rows = rundirs.eval_table([a, b, tmp_path / "c"], tmp_path)
+    c = _run(tmp_path / "c", summary={"status": "completed"})
+    (c / "eval" / "sst2").mkdir(parents=True)  # `sftlab eval`'s default --out: RUN/eval/[TASK/]eval.json
+    (c / "eval" / "sst2" / "eval.json").write_text(json.dumps({"accuracy": 0.9, "base": {"accuracy": 0.5},
+                                                               "generation": {"max_new_tokens": 8}}))  # fmt: skip
+    header, rows = rundirs.eval_table([a, b, c], tmp_path)
     assert header == ["metric", "a", "b", "c"]
     table = {r[0]: r[1:] for r in rows}
     assert table == {"eval: bleu": [61.6, 9.0, None], "eval: exact.match": [0.5, None, None],
                      "eval: n": [80, None, None], "eval: rouge_l": [None, 0.4, None],
-                     "quickstart: after.exact": [None, 1.0, None]}  # fmt: skip
-
-
-def test_short_model_names():
-    assert (
-        rundirs.short_name("/work/x/.venv/lib/site-packages/pkg/models/all-MiniLM-L6-v2/")
-        == ".../all-MiniLM-L6-v2"
-    )
-    assert rundirs.short_name("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
-    assert rundirs.short_name(None) is None
+                     "quickstart: after.exact": [None, 1.0, None], "eval/sst2/eval: accuracy": [None, None, 0.9],
+                     "eval/sst2/eval: base.accuracy": [None, None, 0.5]}  # fmt: skip
 
 
 def test_flatten():

@@ -18,17 +18,8 @@ import yaml
 
 SKIP_DIRS = {"checkpoints", "final", "data", ".previous-run", "__pycache__", ".git", ".venv", "node_modules"}
 # top-level keys of an eval file that hold the settings it ran with, not results (quickstart.json: method, train, ...)
-SETTINGS_KEYS = {
-    "method",
-    "train",
-    "data",
-    "model",
-    "config",
-    "settings",
-    "max_new_tokens",
-    "status",
-    "run_dir",
-}
+SETTINGS_KEYS = {"method", "train", "data", "model", "config", "settings", "max_new_tokens", "status", "run_dir",
+                 "generation"}  # fmt: skip
 SUMMARY_COLUMNS = ["run", "status", "model", "method", "steps", "train_loss", "eval_loss", "tokens_per_s",
                    "trainable_share", "wall_time_s"]  # fmt: skip
 
@@ -208,7 +199,7 @@ def summaries_table(views: list[RunView], root: Path | None = None) -> list[list
 
 def eval_table(runs: list[Path], root: Path | None = None) -> tuple[list[str], list[list[Any]]]:
     """Evaluation results side by side: (header, rows); a row per `file: metric` (every number in the file except
-    per-example records), a column per run."""
+    settings and per-example records; `file` relative to the run, without .json), a column per run."""
     names = [str(r.relative_to(root)) if root and r.is_relative_to(root) else str(r) for r in runs]
     cells: dict[str, dict[int, Any]] = {}
     for i, run in enumerate(runs):
@@ -219,7 +210,8 @@ def eval_table(runs: list[Path], root: Path | None = None) -> tuple[list[str], l
             data = {k: v for k, v in data.items() if k not in SETTINGS_KEYS}
             for key, value in flatten(data, records=False).items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):  # metrics, not settings
-                    cells.setdefault(f"{f.stem}: {key}", {})[i] = _round(value)
+                    name = f.relative_to(run).with_suffix("").as_posix()  # eval, eval/eval, eval/sst2/eval
+                    cells.setdefault(f"{name}: {key}", {})[i] = _round(value)
     rows = [[key, *(by_run.get(i) for i in range(len(runs)))] for key, by_run in cells.items()]
     return ["metric", *names], rows
 
