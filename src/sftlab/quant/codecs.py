@@ -38,7 +38,8 @@ _PAIR_TABLES: dict[torch.device, torch.Tensor] = {}
 
 
 def _pair_table(device: torch.device) -> torch.Tensor:
-    """(256, 2): the two code values a byte holds (high nibble first), so decoding is one table lookup per byte."""
+    """(256, 2): the two code values a byte holds (high nibble first), so decoding is one table lookup per byte
+    (a (65536, 4) table over byte pairs measured no faster on CPU)."""
     table = _PAIR_TABLES.get(device)
     if table is None:
         code = _code(device)
@@ -110,8 +111,7 @@ def quantize_nf4(w: torch.Tensor, double_quant: bool = True) -> NF4Weight:
 
 def dequantize_nf4(q: NF4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The (d_out, d_in) matrix an NF4Weight stands for: one byte-pair lookup, one multiply by the block scale."""
-    table = _pair_table(q.codes.device)
-    vals = torch.nn.functional.embedding(q.codes.int(), table)  # (n/2, 2)
+    vals = torch.nn.functional.embedding(q.codes.int(), _pair_table(q.codes.device))  # (n/2, 2)
     vals = vals.view(-1, BLOCK).mul_(block_scales(q)[:, None])  # (n_blocks, 64)
     numel = q.shape[0] * q.shape[1]
     return vals.view(-1)[:numel].view(q.shape).to(dtype)
