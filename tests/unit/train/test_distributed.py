@@ -102,9 +102,20 @@ def _train_cfg(tmp, name, **train):
     )  # fmt: skip
 
 
-def test_checkpoint_resume_is_bit_identical_and_rank_zero_writes(tmp_path):
-    straight = _train_cfg(tmp_path, "a")
-    codes, res = _run(tmp_path, 2, straight)
+def _final(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "final" / "adapter_model.safetensors"))
+
+
+def _assert_same(ref: dict, got: dict) -> None:
+    assert ref.keys() == got.keys() and ref
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k
+
+
+def test_a_dead_rank_stops_the_other_and_resume_is_bit_identical(tmp_path):
+    """Rank 0 alone writes; a rank that dies makes the other fail with DistributedError and leaves the last checkpoint
+    intact; resuming it (same world size) ends on the uninterrupted run's weights bit for bit."""
+    codes, res = _run(tmp_path, 2, _train_cfg(tmp_path, "a"))
     assert codes == [0, 0], res
     assert res[0]["summary"]["status"] == "completed" and res[1]["summary"]["rank"] == 1
     run_a = tmp_path / "a" / "run"
@@ -112,21 +123,6 @@ def test_checkpoint_resume_is_bit_identical_and_rank_zero_writes(tmp_path):
     rows = [json.loads(line) for line in (run_a / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]  # one writer: no duplicated rows
 
-    cut = _train_cfg(tmp_path, "b")
-    codes, res = _run(tmp_path, 2, cut, stop={"step": 3, "how": "interrupt"})
-    assert res[0] == {"interrupted": True} and res[1] == {"interrupted": True}
-    assert [p.name for p in list_checkpoints(tmp_path / "b" / "run" / "checkpoints")] == ["step-2", "step-3"]
-    assert read_checkpoint(tmp_path / "b" / "run" / "checkpoints" / "step-3").state["world_size"] == 2
-    codes, res = _run(tmp_path, 2, cut, resume=True)
-    assert codes == [0, 0] and res[0]["summary"]["steps"] == 6, res
-    ref = load_file(str(run_a / "final" / "adapter_model.safetensors"))
-    got = load_file(str(tmp_path / "b" / "run" / "final" / "adapter_model.safetensors"))
-    assert ref.keys() == got.keys()
-    for k in ref:
-        assert torch.equal(ref[k], got[k]), k
-
-
-def test_a_dead_rank_stops_the_other_and_the_checkpoint_resumes(tmp_path):
     cfg = _train_cfg(tmp_path, "k", dist_timeout_s=30)
     # rank 1 dies in step 3's update; rank 0 finishes step 3 and fails in step 4's first all-reduce
     codes, res = _run(tmp_path, 2, cfg, stop={"step": 2, "how": "die", "rank": 1})
@@ -136,12 +132,26 @@ def test_a_dead_rank_stops_the_other_and_the_checkpoint_resumes(tmp_path):
     assert "--resume" in res[0]["message"]
     ckpts = list_checkpoints(tmp_path / "k" / "run" / "checkpoints")
     assert [p.name for p in ckpts] == ["step-2"]
-    read_checkpoint(ckpts[-1])  # verifies: checksums, finite tensors
+    assert read_checkpoint(ckpts[-1]).state["world_size"] == 2  # verifies: checksums, finite tensors
     assert not list((tmp_path / "k" / "run" / "checkpoints").glob(".tmp-*"))
     codes, res = _run(tmp_path, 2, cfg, resume=True)
-    assert codes == [0, 0] and res[0]["summary"]["status"] == "completed", res
+    assert codes == [0, 0] and res[0]["summary"]["steps"] == 6, res
+    _assert_same(_final(run_a), _final(tmp_path / "k" / "run"))
 
 
+@pytest.mark.slow
+def test_ctrl_c_on_every_rank_saves_and_resumes_bit_identical(tmp_path):
+    codes, res = _run(tmp_path, 2, _train_cfg(tmp_path, "a"))
+    cut = _train_cfg(tmp_path, "b")
+    codes, res = _run(tmp_path, 2, cut, stop={"step": 3, "how": "interrupt"})
+    assert res[0] == {"interrupted": True} and res[1] == {"interrupted": True}
+    assert [p.name for p in list_checkpoints(tmp_path / "b" / "run" / "checkpoints")] == ["step-2", "step-3"]
+    codes, res = _run(tmp_path, 2, cut, resume=True)
+    assert codes == [0, 0] and res[0]["summary"]["steps"] == 6, res
+    _assert_same(_final(tmp_path / "a" / "run"), _final(tmp_path / "b" / "run"))
+
+
+@pytest.mark.slow
 def test_other_world_size_resumes_with_a_warning(tmp_path):
     cfg = _train_cfg(tmp_path, "w")
     codes, res = _run(tmp_path, 2, cfg, stop={"step": 2, "how": "interrupt"})
@@ -153,6 +163,7 @@ def test_other_world_size_resumes_with_a_warning(tmp_path):
     assert any("written by 2 process(es), this run has 1" in w for w in summary["warnings"])
 
 
+@pytest.mark.slow
 def test_nproc_runs_torchrun(tmp_path):
     """`sftlab train CFG --nproc 2` execs torchrun, whose two processes train one run."""
     cfg = _train_cfg(tmp_path, "t", max_steps=2, save_every=None)
@@ -181,7 +192,7 @@ def test_fsdp2_full_fine_tuning_matches_one_process_and_saves_one_hf_directory(t
     10 steps, a resumable checkpoint in the one-process format, and final/ as one HF model directory."""
     common = dict(n=40, train={"max_steps": 10, "save_every": 5, "lr": 1e-3})
     one = make_config(tmp_path / "one", **{**common, "train": {**common["train"], "batch_size": 8}})
-    from sftlab.recipe import train
+    from sftlab.recipe import prepare, train
 
     train(one, log=lambda *_: None)
     cfg = make_config(tmp_path / "fsdp", **{**common, "train": {**common["train"], "distributed": "fsdp"}})
@@ -203,10 +214,18 @@ def test_fsdp2_full_fine_tuning_matches_one_process_and_saves_one_hf_directory(t
         torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-5, msg=k)
     # the checkpoint holds whole tensors: it loads into a one-process run
     ckpt = read_checkpoint(run_fsdp / "checkpoints" / "step-10")
-    params = dict(train.__globals__["prepare"](one, log=lambda *_: None)[0].named_parameters())
+    params = dict(prepare(one, log=lambda *_: None)[0].named_parameters())
     assert all(ckpt.weights[n].shape == params[n].shape for n in ckpt.weights)
-    # and an FSDP2 run interrupted at step 6 resumes (shards re-cut from the whole tensors) to the same weights
-    cut = make_config(tmp_path / "cut", **{**common, "train": {**common["train"], "distributed": "fsdp"}})
+
+
+@pytest.mark.slow
+def test_fsdp2_resumes_bit_identical(tmp_path):
+    """An FSDP2 run interrupted at step 6 resumes (shards re-cut from the whole tensors) to the straight run's weights."""
+    common = dict(n=40, train={"max_steps": 10, "save_every": 5, "lr": 1e-3, "distributed": "fsdp"})
+    straight = make_config(tmp_path / "fsdp", **common)
+    codes, res = _run(tmp_path, 2, straight)
+    b = load_file(str(Path(straight.train.output_dir) / "final" / "model.safetensors"))
+    cut = make_config(tmp_path / "cut", **common)
     codes, res = _run(tmp_path, 2, cut, stop={"step": 6, "how": "interrupt"})
     assert res[0] == {"interrupted": True}, res
     codes, res = _run(tmp_path, 2, cut, resume=True)
