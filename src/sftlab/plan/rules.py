@@ -93,8 +93,8 @@ def _gb(x: float) -> str:
 def _nothing_fits(s: Situation):
     return None, [
         Reason(COMPUTE, "no method fits the device's memory (or the time budget), even with activation "
-               "checkpointing: use a smaller model, a shorter --seq-len or --batch-size, or a larger device; a "
-               "4-bit quantised base with LoRA is the usual way out, and sftlab does not have it yet"),
+               "checkpointing, not even LoRA on an NF4 (4-bit) base: use a smaller model, a shorter --seq-len or "
+               "--batch-size, or a larger device"),
     ]  # fmt: skip
 
 
@@ -128,13 +128,19 @@ def _full(s: Situation):
 
 
 def _tight_memory(s: Situation):
-    pick = _first_usable(s, ("lora-r16", "lora-r8", "dora-r16", "houlsby", "pfeiffer", "prefix", "prompt"))
+    pick = _first_usable(
+        s, ("lora-r16", "lora-r8", "dora-r16", "houlsby", "pfeiffer", "prefix", "prompt", "qlora-r16")
+    )
     if pick is None:
         return None
-    return pick, [
+    why = [
         Reason(COMPUTE, "full fine-tuning does not fit the device's memory (weights, gradients and two AdamW "
                "moments for every parameter); a frozen base with LoRA keeps them for its small trainable part only"),
     ]  # fmt: skip
+    if pick == "qlora-r16":
+        why.append(Reason(COMPUTE, "not even the frozen base fits in its own dtype: LoRA on an NF4 (4-bit) base "
+                          "(QLoRA, Dettmers et al. 2023) stores it at about half a byte per weight"))  # fmt: skip
+    return pick, why
 
 
 def _large_instructions(s: Situation):

@@ -18,6 +18,7 @@ KEYS = (
     "pfeiffer",
     "prefix",
     "prompt",
+    "qlora-r16",
 )
 STORAGE = {k: (14e9 if k in ("full", "freeze") else 40e6) for k in KEYS}
 
@@ -55,6 +56,7 @@ CASES = [
      situation(fits=PEFT, ckpt=("full",), tokens=1e10, params=1e9, text=True), {"full"}, DATA),
     ("tight memory -> LoRA", situation(fits=PEFT), {"lora-r16"}, COMPUTE),
     ("tighter memory: only r=8 fits", situation(fits={"lora-r8", "prompt"}), {"lora-r8"}, COMPUTE),
+    ("only the NF4 base fits -> quantised LoRA", situation(fits={"qlora-r16"}), {"qlora-r16"}, COMPUTE),
     ("nothing fits -> no choice, and it says why", situation(fits=()), {None}, COMPUTE),
     ("large instruction data -> high-rank LoRA", situation(tokens=1e10, params=1e9), {"lora-r64"}, DATA),
     ("low latency -> mergeable LoRA", situation(needs=["low-latency"]), {"lora-r16"}, APPLICATION),
