@@ -246,6 +246,7 @@ class DataConfig(StrictModel):
         out = handler(self)
         drop = ("train", "eval") if self.tasks is not None else ("tasks", "mixing")
         drop += ("weight_field",) if self.weight_field is None else ()  # configs without it save as before
+        drop += ("streaming",) if self.streaming is None else ()  # likewise
         drop += ("subset",) if self.subset is None else ()
         return {k: v for k, v in out.items() if k not in drop}
 
@@ -630,11 +631,6 @@ class RunConfig(StrictModel):
                 raise ValueError(
                     "model.task: masked-lm trains with train.objective: mlm (on unlabelled text); set it, or pick "
                     "the task of the supervised stage (seq-cls for a classifier)"
-                )
-            if self.data.streaming:
-                raise ValueError(
-                    "data.streaming: true streams a text corpus for train.objective clm, mlm or span; supervised data "
-                    "(objective sft) is read into memory: drop the key"
                 )
             return self
         if "task" not in self.model.model_fields_set:

@@ -16,7 +16,7 @@ def test_a_key_added_since_the_run_was_saved_is_no_change_and_a_real_change_stil
     save_config(cfg, run / "config.yaml")
     saved = yaml.safe_load((run / "config.yaml").read_text())
     del saved["model"]["attn_implementation"]  # as a run saved before the key existed
-    del saved["data"]["streaming"]
+    del saved["model"]["dtype"]
     (run / "config.yaml").write_text(yaml.safe_dump(saved))
     assert config_changes(run, cfg) == []
     other = build_config({"model": {"name": "tiny-llama", "attn_implementation": "eager"}, "data": {"train": "x.txt"},

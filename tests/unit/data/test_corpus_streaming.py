@@ -20,7 +20,7 @@ from sftlab.data.blockstore import BlockStore, BlockWriter, Corrupted
 from sftlab.data.corpus import eval_corpus, load_corpus, streams
 from sftlab.data.load import held_out
 from sftlab.data.readers import iter_records, read_records
-from sftlab.errors import ConfigError, DataError
+from sftlab.errors import DataError
 from sftlab.models import byte_tokenizer
 from sftlab.recipe import load_base, load_data, load_tokenizer, train
 from sftlab.train.loop import Trainer
@@ -154,7 +154,7 @@ def test_a_streamed_corpus_equals_the_in_memory_one(tmp_path, monkeypatch, model
         assert list(st_eval.examples) == mem_eval.examples and st_eval.stats == mem_eval.stats
 
 
-def test_auto_streams_only_large_corpora_and_sft_refuses_streaming(tmp_path, monkeypatch):
+def test_auto_streams_only_large_corpora(tmp_path, monkeypatch):
     f = tmp_path / "c.txt"
     f.write_text(_text(50))
     auto = _corpus_config(f, "tiny-llama", "clm", None)
@@ -162,8 +162,6 @@ def test_auto_streams_only_large_corpora_and_sft_refuses_streaming(tmp_path, mon
     monkeypatch.setattr(corpus, "STREAM_BYTES", f.stat().st_size - 1)
     assert streams(auto.data)
     assert not streams(_corpus_config(f, "tiny-llama", "clm", False).data)
-    with pytest.raises(ConfigError, match=r"data.streaming: true streams a text corpus for train.objective"):
-        build_config({"model": {"name": "tiny-llama"}, "data": {"train": str(f), "streaming": True}})
 
 
 def test_streamed_empty_corpus_is_a_data_error_naming_the_file(tmp_path):
