@@ -23,30 +23,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import yaml
 
+from benchmarks.semi_supervised import run
+
 ROOT = Path(__file__).resolve().parent.parent
 WIKI = ROOT.parent / "shared" / "data" / "text" / "wiki_demo.txt"
 MODEL = "smollm2-135m-instruct"
 LORA = {"name": "lora", "r": 16, "alpha": 16.0, "target_modules": "all-linear"}  # the quickstart's adapter
-
-
-def run(cmd: list[str], log: Path) -> float:
-    t0 = time.perf_counter()
-    with log.open("w") as f:
-        proc = subprocess.run(
-            [sys.executable, "-m", "sftlab.cli.main", *cmd], stdout=f, stderr=subprocess.STDOUT
-        )
-    if proc.returncode != 0:
-        sys.exit(f"sftlab {' '.join(cmd)} failed (exit {proc.returncode}); see {log}")
-    dt = time.perf_counter() - t0
-    print(f"  sftlab {cmd[0]} {Path(cmd[1]).name}: {dt:.0f} s", flush=True)
-    return dt
 
 
 def clm_stage(args) -> dict:

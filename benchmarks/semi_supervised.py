@@ -112,7 +112,8 @@ def sft_config(model: str, files: dict, seed: int, args) -> dict:
     }  # fmt: skip
 
 
-def run(cmd: list[str], log: Path) -> None:
+def run(cmd: list[str], log: Path) -> float:
+    """One sftlab command in a child process, its output to `log`; stops the benchmark if it fails."""
     t0 = time.perf_counter()
     with log.open("w") as f:
         proc = subprocess.run(
@@ -120,7 +121,9 @@ def run(cmd: list[str], log: Path) -> None:
         )
     if proc.returncode != 0:
         sys.exit(f"sftlab {' '.join(cmd)} failed (exit {proc.returncode}); see {log}")
-    print(f"  sftlab {cmd[0]} {Path(cmd[1]).name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    dt = time.perf_counter() - t0
+    print(f"  sftlab {cmd[0]} {Path(cmd[1]).name}: {dt:.0f} s", flush=True)
+    return dt
 
 
 def accuracies(st_dir: Path) -> tuple[float, list[float], list[int]]:
