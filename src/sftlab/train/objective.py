@@ -183,7 +183,9 @@ class Objective(nn.Module):
         chunk = perf.loss_chunk_size
         if perf.fused_loss and _fusable(head):
             dtype = _autocast_dtype(h)
-            if dtype is not None:  # mixed precision: the head GEMMs in the autocast dtype, softmax and sums in fp32
+            if (
+                dtype is not None
+            ):  # mixed precision: the head GEMMs in the autocast dtype, softmax and sums in fp32
                 b = head.bias.to(dtype) if head.bias is not None else None
                 with torch.autocast(h.device.type, enabled=False):
                     return linear_cross_entropy_sum(h.to(dtype), head.weight.to(dtype), b, y, chunk)

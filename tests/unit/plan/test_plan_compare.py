@@ -159,7 +159,9 @@ def test_generation_tokens_per_s_is_measured_against_the_base_model(tmp_path):
 
 
 def test_a_classification_compare_has_no_generation_numbers(tmp_path):
-    result = cmp.compare(_cfg(tmp_path), ["lora"], 1, tmp_path / "cmp", latency_batches=1, log=lambda *_: None)
+    result = cmp.compare(
+        _cfg(tmp_path), ["lora"], 1, tmp_path / "cmp", latency_batches=1, log=lambda *_: None
+    )
     assert result["generation"] is None and "generation_tokens_per_s" not in result["base"]
     assert "generation_tokens_per_s" not in result["methods"][0]
 
