@@ -291,3 +291,19 @@ def causal_lm_with_method(name: str, method: str, **method_kw) -> torch.nn.Modul
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.05)
     return model.eval()
+
+
+def interrupt_after(monkeypatch, step: int):
+    """Ctrl-C as optimizer step `step` + 1 begins (a checkpoint at `step` is what resume finds); returns the real
+    Trainer._optimizer_step, to put back before resuming."""
+    from sftlab.train.loop import Trainer
+
+    real = Trainer._optimizer_step
+
+    def stop(self):
+        if self.state.step == step:
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", stop)
+    return real

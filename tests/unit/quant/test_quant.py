@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import make_config
+from helpers import interrupt_after, make_config
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -318,14 +318,7 @@ def test_resume_with_a_quantised_base_is_bit_identical(tmp_path, monkeypatch):
     ref = load_file(str(tmp_path / "a" / "run" / "final" / "adapter_model.safetensors"))
 
     cfg = _qlora_config(tmp_path / "b")
-    real_step = Trainer._optimizer_step
-
-    def interrupt_after_3(self):
-        if self.state.step == 3:
-            raise KeyboardInterrupt
-        return real_step(self)
-
-    monkeypatch.setattr(Trainer, "_optimizer_step", interrupt_after_3)
+    real_step = interrupt_after(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, **QUIET)
     ckpt = list_checkpoints(tmp_path / "b" / "run" / "checkpoints")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import alpaca_rows, tiny_model, write_jsonl
+from helpers import alpaca_rows, interrupt_after, tiny_model, write_jsonl
 from safetensors.torch import load_file
 
 from sftlab.config import build_config
@@ -252,14 +252,7 @@ def test_pcgrad_trains_and_resumes_bit_identically(tmp_path, monkeypatch):
     assert any(not torch.equal(ref[k], base[k]) for k in ref)  # it changed the updates
 
     again = build_config(_raw(tmp_path / "b", task_balancing="pcgrad", task_grad_cosine_every=1, **kw))
-    real = Trainer._optimizer_step
-
-    def interrupt_after_2(self):
-        if self.state.step == 2:
-            raise KeyboardInterrupt
-        return real(self)
-
-    monkeypatch.setattr(Trainer, "_optimizer_step", interrupt_after_2)
+    real = interrupt_after(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         train(again, log=lambda *_: None)
     monkeypatch.setattr(Trainer, "_optimizer_step", real)

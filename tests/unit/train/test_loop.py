@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from helpers import make_config
+from helpers import interrupt_after, make_config
 from safetensors.torch import load_file
 
 from sftlab.recipe import prepare, train
@@ -55,14 +55,7 @@ def test_resume_is_bit_identical(tmp_path, model_name, monkeypatch):
 
     cfg = straight.model_copy(deep=True)
     cfg.train.output_dir = str(tmp_path / "b")
-    real_step = Trainer._optimizer_step
-
-    def interrupt_after_5(self):
-        if self.state.step == 5:
-            raise KeyboardInterrupt
-        return real_step(self)
-
-    monkeypatch.setattr(Trainer, "_optimizer_step", interrupt_after_5)
+    real_step = interrupt_after(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
     assert [p.name for p in list_checkpoints(tmp_path / "b" / "checkpoints")] == ["step-5"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from helpers import alpaca_rows, classification_rows, messages_rows, tiny_model, write_jsonl
+from helpers import alpaca_rows, classification_rows, interrupt_after, messages_rows, tiny_model, write_jsonl
 from safetensors.torch import load_file
 
 from sftlab.cli.main import main
@@ -295,14 +295,7 @@ def test_resume_with_a_mixture_is_bit_identical(tmp_path, model_name, monkeypatc
 
     cfg = straight.model_copy(deep=True)
     cfg.train.output_dir = str(tmp_path / "b")
-    real_step = Trainer._optimizer_step
-
-    def interrupt_after_3(self):
-        if self.state.step == 3:
-            raise KeyboardInterrupt
-        return real_step(self)
-
-    monkeypatch.setattr(Trainer, "_optimizer_step", interrupt_after_3)
+    real_step = interrupt_after(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, log=lambda *_: None)
     assert [p.name for p in list_checkpoints(tmp_path / "b" / "checkpoints")] == ["step-3"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from helpers import random_inputs, tiny_model, write_jsonl
+from helpers import interrupt_after, random_inputs, tiny_model, write_jsonl
 from safetensors.torch import load_file
 
 from sftlab.cli.main import main
@@ -223,14 +223,7 @@ def test_resume_with_per_task_heads_and_adapters_is_bit_identical(tmp_path, monk
     train(straight, log=lambda *_: None)
     cfg = straight.model_copy(deep=True)
     cfg.train.output_dir = str(tmp_path / "b")
-    real_step = Trainer._optimizer_step
-
-    def interrupt_after_3(self):
-        if self.state.step == 3:
-            raise KeyboardInterrupt
-        return real_step(self)
-
-    monkeypatch.setattr(Trainer, "_optimizer_step", interrupt_after_3)
+    real_step = interrupt_after(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, log=lambda *_: None)
     monkeypatch.setattr(Trainer, "_optimizer_step", real_step)
