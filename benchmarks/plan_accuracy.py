@@ -4,7 +4,8 @@ Runs `sftlab plan --measure --json` (each candidate's steps in its own process: 
 --model: by default the 20M-parameter Llama of examples/plan/llama-21m/config.json (the B1 workload's shape, scaled
 down: random weights built from the config) and the SmolLM2-135M demo model (its real weights, cached by
 `sftlab quickstart`), and prints a markdown table per model: estimate, measured, error = (estimate - measured) /
-measured, then the closing figure over all rows. Targets from issue 19: memory within 15%, throughput within 30%.
+measured, then the closing figure over all rows. The B1 workload's model is examples/plan/b1/config.json (run it with
+`--model examples/plan/b1/config.json --seq-len 256 --supervised-share 0.474`: B1's rows are 27-512 tokens). Targets from issue 19: memory within 15%, throughput within 30%.
 Run under the bench lock: `flock /tmp/sftlab-bench.lock python -m benchmarks.plan_accuracy`.
 """
 
@@ -30,7 +31,7 @@ def _pct(x: float | None) -> str:
 def run_model(model: str, args: argparse.Namespace, steps: str) -> tuple[int, int, int]:
     """One model's table; (rows, memory within 15%, tokens/s within 30%)."""
     cmd = [sys.executable, "-m", "sftlab.cli.main", "plan", "--model", model, "--examples", args.examples,
-           "--seq-len", args.seq_len, "--batch-size", args.batch_size, "--device", "cpu", "--measure",
+           "--seq-len", args.seq_len, "--supervised-share", args.supervised_share, "--batch-size", args.batch_size, "--device", "cpu", "--measure",
            "--measure-steps", steps, "--threads", args.threads, "--json"]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     plan = json.loads(out[out.index("{") :])
@@ -64,6 +65,7 @@ def main() -> None:
     )
     p.add_argument("--examples", default="2000")
     p.add_argument("--seq-len", default="128")
+    p.add_argument("--supervised-share", default="0.5", help="share of tokens the loss covers (B1: 0.474)")
     p.add_argument("--batch-size", default="8")
     p.add_argument("--steps", default="4", help="measured steps per method (the first is not timed)")
     p.add_argument(
