@@ -82,7 +82,8 @@ class SelfTrainConfig(StrictModel):
         "labelled",
         description="With top_k_per_class, the class ratio of the kept set: labelled (that of data.train's labels; "
         "the largest class keeps up to k) or equal (the same count for each class). The scarcest class, relative "
-        "to its share, sets how many each class keeps.",
+        "to its share, sets how many each class keeps; a class with no pseudo-label above the threshold keeps none "
+        "and is left out (a warning names it; round.json `no_confident`), so it does not zero the others.",
     )
     pseudo_weight: float = Field(
         1.0,

@@ -276,6 +276,8 @@ def pseudo_label(job: SelfTraining, r: int, teacher: Path, pool: list[RawRecord]
                                  "min_agreement": agreement.minimum,
                                  "mean_kept": sum(preds[i].agreement for i in kept) / len(kept) if kept else None}  # fmt: skip
     meta.update(_counts(preds, kept, names, st.threshold))
+    if names is not None:
+        _warn_unconfident(meta, names, shares, st.threshold, r, log)
     rows, train_rows = [], [source_row(rec.fields, data, _extra(job)) for rec in labelled]
     for i in kept:
         p, rec = preds[i], pool[i]
@@ -297,6 +299,21 @@ def pseudo_label(job: SelfTraining, r: int, teacher: Path, pool: list[RawRecord]
     shown = ", ".join(f"{k} {v['kept']}" for k, v in per.items()) if per else f"{len(kept)}"
     log(f"self-train: round {r}: kept {len(kept)} of {len(pool)} pseudo-labels ({shown})")
     return meta
+
+
+def _warn_unconfident(
+    meta: dict, names: list[str], shares: list[float], threshold: float, r: int, log
+) -> None:
+    """Classes the kept set should hold (share > 0) but the teacher never predicts with confidence keep no
+    pseudo-label (the others are balanced without them): named in round.json (`no_confident`) and in a warning."""
+    missing = [n for n, s in zip(names, shares) if s > 0 and meta["per_class"][n]["confident"] == 0]
+    if not missing:
+        return
+    meta["no_confident"] = missing
+    log(
+        f"warning: self-train: round {r}: no confident pseudo-label (threshold {threshold}) for class(es) "
+        f"{', '.join(missing)}: they get none this round; the other classes are balanced without them"
+    )
 
 
 def _extra(job: SelfTraining) -> tuple[str, ...]:

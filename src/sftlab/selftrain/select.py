@@ -2,9 +2,11 @@
 
 A teacher trained on few labels usually favours one class; keeping its most confident predictions as they come
 would tilt the student further towards that class each round. Class-balanced selection keeps, per class, the most
-confident candidates in a fixed class ratio (the labelled set's, or equal), at most k for the largest share; the
-class with the fewest candidates relative to its share sets how many every class keeps (so the ratio holds even
-when the teacher predicts one class rarely, and a class it never predicts with confidence keeps nothing at all).
+confident candidates in a fixed class ratio (the labelled set's, or equal), at most k for the largest share; of the
+classes that have a confident candidate, the one with the fewest relative to its share sets how many every class
+keeps (so the ratio holds even when the teacher predicts one class rarely). A class with no confident candidate at
+all keeps none and is left out of the ratio: it does not zero the others (a 1-example class the teacher never
+predicts with confidence would otherwise stop self-training). The caller warns, naming them.
 Pure functions of the predictions: a rerun selects exactly the same rows.
 """
 
@@ -23,13 +25,13 @@ def class_shares(counts: Sequence[int], balance: str) -> list[float]:
 
 def quotas(available: Sequence[int], shares: Sequence[float], top_k: int) -> list[int]:
     """How many of each class to keep: round(t * share / max share), with t <= top_k the largest value every class
-    can fill from its `available` candidates. A class of share 0 keeps none."""
+    with candidates can fill from its `available` ones. A class of share 0, or with no candidate, keeps none."""
     top = max(shares)
     if top <= 0:
         return [0] * len(shares)
     t = float(top_k)
     for avail, share in zip(available, shares):
-        if share > 0:
+        if share > 0 and avail > 0:  # a class with no candidate keeps none; it does not set t for the others
             t = min(t, avail * top / share)
     return [
         min(avail, round(t * share / top + 1e-9)) if share > 0 else 0
