@@ -48,11 +48,11 @@ def check_format(data: DataConfig, where: str) -> None:
 
 def read_pool(path: str, data: DataConfig, skip: int = 0, limit: int | None = None) -> list[RawRecord]:
     """The unlabelled pool's inputs, records skip+1.. (at most `limit`): each holds only its format's prompt fields
-    (see the module doc)."""
+    (see the module doc). An `hf:` pool is read in data.subset, as data.train is."""
     keep = PROMPT_FIELDS[data.format]
     columns = {k: v for k, v in data.columns.items() if k in keep}
     out = []
-    read = read_records(path, columns, None if limit is None else skip + limit, data.documents)
+    read = read_records(path, columns, None if limit is None else skip + limit, data.documents, data.subset)
     for rec in read[skip:]:
         fields = {k: rec.fields[k] for k in keep if k in rec.fields}
         if data.format == "messages":
@@ -80,13 +80,14 @@ def prompt_turns(where: str, messages: Any) -> list:
 
 
 def labelled_and_dev(data: DataConfig, seed: int) -> tuple[list[RawRecord], list[RawRecord] | None]:
-    """data.train and the dev rows exactly as a run of this config reads them (limit, eval file or split)."""
-    train = read_records(data.train, data.columns, data.limit, data.documents)
+    """data.train and the dev rows exactly as a run of this config reads them (data.load_data: limit, an hf:
+    dataset's subset, eval file or split)."""
+    train = read_records(data.train, data.columns, data.limit, data.documents, data.subset)
     if not train:
         raise DataError(f"{data.train}: no records")
     dev = None
     if data.eval:
-        dev = read_records(data.eval, data.columns, data.limit, data.documents)
+        dev = read_records(data.eval, data.columns, data.limit, data.documents, data.subset)
     elif data.eval_fraction > 0:
         train, dev = split_eval(train, data.eval_fraction, seed)
     return train, dev

@@ -33,6 +33,7 @@ from ..config import RunConfig, build_config, dump_config
 from ..data import RawRecord, encode_dataset, read_records
 from ..data.encode import check_task_format
 from ..data.formats import parse_record
+from ..data.readers import is_hub_name
 from ..errors import ConfigError, DataError, RunDirError
 from ..eval.evaluate import evaluate
 from ..files import read_json_object, recorded, weights_digest
@@ -121,7 +122,7 @@ def check(job: SelfTraining) -> None:
     check_columns(cfg.data, where)
     for key, value in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval),
                        (f"{SECTION}.unlabelled", job.st.unlabelled)):  # fmt: skip
-        if value is not None and not Path(value).exists():
+        if value is not None and not is_hub_name(value) and not Path(value).exists():
             raise DataError(f"{where}: {key}: {value}: data file or directory does not exist")
     student_config(job, 1, None, None, 0)  # student_train's keys are valid train: keys
     if job.st.teacher is not None and not (Path(job.st.teacher) / "final" / "sftlab.json").is_file():
