@@ -41,7 +41,7 @@ def probability(s: str) -> float:
 
 
 def add_trust_remote_code(p: argparse.ArgumentParser, what: str) -> None:
-    """The only switch for remote code: a config or run directory cannot turn it on (config.py)."""
+    """The only switch for remote code: a config or run directory cannot turn it on (config/load.py)."""
     p.add_argument(
         "--trust-remote-code",
         action="store_true",

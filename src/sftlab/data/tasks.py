@@ -52,7 +52,7 @@ class TaskSet(EncodedData):
 
 
 def task_data_config(data_cfg: Any, task: Any) -> Any:
-    """The single-task `data:` config of one task: its own keys (already resolved against `data:`, see config.py)."""
+    """The single-task `data:` config of one task: its own keys (resolved against `data:` by config/data.py)."""
     keys = [k for k in type(task).model_fields if k in type(data_cfg).model_fields and k != "tasks"]
     return data_cfg.model_copy(update={**{k: getattr(task, k) for k in keys}, "tasks": None})
 
