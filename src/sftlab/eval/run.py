@@ -189,7 +189,7 @@ def _data_config(
         where = update["train"]
     elif data_cfg.eval:
         where = data_cfg.eval
-    elif data_cfg.eval_fraction > 0 and (opts.task is not None or generate):
+    elif data_cfg.eval_fraction > 0:
         where = f"{data_cfg.train} (eval_fraction split)"
     else:
         where = data_cfg.train
@@ -197,7 +197,8 @@ def _data_config(
 
 
 def _encoded(cfg, data_cfg, tok, opts: EvalOptions):
-    """The encoded examples the loss (and seq-cls predictions) are computed on: as `sftlab eval` always read them."""
+    """The encoded examples the loss (and seq-cls predictions) are computed on: the eval file, else the eval_fraction
+    split training made, else (or with --data) the whole train file."""
     from ..data import load_data
 
     if (
@@ -213,6 +214,14 @@ def _encoded(cfg, data_cfg, tok, opts: EvalOptions):
         )
         train, held = load_task(cfg.data, task_cfg, index, tok, cfg.model.task, cfg.train.seed)
         return held if held is not None else train
+    if not data_cfg.eval and data_cfg.eval_fraction > 0:
+        # The held-out split training cut from its train file: read and split by training's own loader (same seed,
+        # same cut), so the eval set is exactly the one its evals scored (the train part is encoded and dropped).
+        if cfg.train.objective != "sft":
+            from ..data.corpus import load_corpus
+
+            return load_corpus(data_cfg, tok, cfg.model.name, cfg.train)[1]
+        return load_data(data_cfg, tok, cfg.model.task, cfg.train.seed)[1]
     flat = data_cfg.model_copy(
         update={"train": data_cfg.eval or data_cfg.train, "eval": None, "eval_fraction": 0.0}
     )
