@@ -54,6 +54,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, default=8, help="examples per step (default 8)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: float32 on CPU, "
                    "bfloat16 on CUDA")  # fmt: skip
+    p.add_argument(
+        "--precision", choices=["fp32", "bf16-mixed", "fp16-mixed"],
+        help="train.precision (default fp32: the weights' dtype throughout; bf16-/fp16-mixed: autocast over "
+        "fp32 weights, fp16 CUDA only)",
+    )  # fmt: skip
     p.add_argument("--epochs", type=non_negative_float, default=1.0, help="epochs (time column; default 1)")
     p.add_argument("--time-budget", type=duration, help="longest acceptable epoch, e.g. 2h or 90m")
     p.add_argument("--needs", nargs="+", choices=NEEDS, default=[], help="what the application needs")
@@ -97,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         columns=dict(c.split("=", 1) for c in args.column),
         examples=args.examples, seq_len=args.seq_len, target_len=args.target_len,
         supervised_share=args.supervised_share, tasks=args.tasks, device=args.device, batch_size=args.batch_size,
-        dtype=args.dtype, epochs=args.epochs, time_budget_s=args.time_budget, needs=list(args.needs),
+        dtype=args.dtype, precision=args.precision, epochs=args.epochs, time_budget_s=args.time_budget, needs=list(args.needs),
         throughput_tflops=args.throughput, trust_remote_code=args.trust_remote_code, threads=args.threads,
     )  # fmt: skip
     log = (lambda *_: None) if args.json else print

@@ -3,11 +3,15 @@
 Parameters are counted on the meta model after the method's own apply() (plan/model.py), so they are exact.
 Memory, for the largest pass of a step as sftlab batches it (`micro_batch_tokens` cuts a batch into passes):
 
-  weights     every parameter (base + the method's) x E bytes (the model dtype)
-  gradients   trainable x E (sftlab keeps no fp32 master copy: gradients follow the weights' dtype)
-  optimizer   AdamW's two moments, 2 x trainable x E (torch's fused AdamW, states in the weights' dtype)
+  weights     every parameter (base + the method's) x its bytes (the model dtype; the methods' own parameters
+              are fp32 whatever the base's dtype)
+  gradients   each trainable parameter x its bytes (gradients follow the parameters' dtype)
+  optimizer   AdamW's two moments, 2 x the same (torch's fused AdamW, states in the parameters' dtype)
   activations what autograd keeps for backward over the pass (plan/activations.py), without and with
-              activation checkpointing
+              activation checkpointing (under bf16-/fp16-mixed over fp32 weights still at 4 bytes an element:
+              an upper bound, see `estimate`)
+  casts       bf16-/fp16-mixed over fp32 weights: autocast's half-precision copy of every matmul weight a
+              gradient flows through (the copy is kept for backward), and of the LM head: 2 bytes a weight
   workspace   the fused LM head's fp32 logits chunk (min(loss_chunk_size, supervised rows) x vocab x 4) and the
               transient gradients of backward (two (tokens x MLP width) tensors)
   peak        the sum: every part can be live at once (the first step of each pass of a later step holds the
@@ -20,8 +24,14 @@ block's MLP likewise. Training adds backward: 2N for the input gradients of ever
 2N for every weight that trains, twice the attention forward: about 6N for full fine-tuning and 4N for a frozen
 base with a small trainable part.
 
-Time: on this machine's CPU, the step's work split by kind (`step_work`) at the rates plan/timing.py measures now;
-elsewhere (a stated device, `--throughput`) the FLOPs per token at the device's throughput.
+Time: on this machine's CPU, the step's work split by kind (`step_work`) at the rates plan/timing.py measures now
+(under autocast for the mixed precisions); elsewhere (a stated device, `--throughput`) the FLOPs per token at the
+device's throughput.
+
+Several devices (`--device cuda:80GBx8`): data-parallel, as `sftlab train --nproc N` runs (train/distributed.py).
+DDP keeps everything above on every device; FSDP (`train.distributed: fsdp`) shards weights, gradients and
+optimizer state N ways and gathers one block's weights at a time (two with prefetch), so `peak_sharded` is that
+per-device peak. Time per epoch divides by N (communication not modelled).
 """
 
 from __future__ import annotations
@@ -68,6 +78,12 @@ class Settings:
     micro_batch_tokens: int | None = PerfConfig().micro_batch_tokens
     loss_chunk_size: int = PerfConfig().loss_chunk_size
     epochs: float = 1.0
+    precision: str = "fp32"  # train.precision: fp32 | bf16-mixed | fp16-mixed
+    processes: int = 1  # data-parallel processes (devices)
+
+    @property
+    def mixed(self) -> bool:
+        return self.precision.endswith("-mixed")
 
 
 @dataclass
@@ -84,11 +100,16 @@ class Memory:
     accumulates: bool = False  # several passes per step: the gradients of the earlier ones stay live
     allocator_share: float = 0.0  # heap growth beyond live tensors, as a share of the activations
     runtime: float = 0.0  # the training process's own state (RUNTIME)
+    casts: float = 0.0  # autocast's half-precision weight copies kept for backward (mixed precision)
+    shards: int = 1  # FSDP: devices the weights, gradients and optimizer state are sharded over
+    unit: float = 0.0  # FSDP: the largest block's weights, gathered whole while it runs
 
-    def _peak(self, act: float) -> float:
-        during_forward = act + self.workspace + self.head_gradient
-        live = self.gradients + during_forward if self.accumulates else max(during_forward, self.gradients)
-        return self.weights + self.optimizer + live + self.allocator_share * act + self.runtime
+    def _peak(self, act: float, shards: int = 1) -> float:
+        gathered = 2 * self.unit if shards > 1 else 0.0  # this block's and the prefetched next one's
+        during_forward = act + self.workspace + self.head_gradient + self.casts / shards + gathered
+        grads = self.gradients / shards
+        live = grads + during_forward if self.accumulates else max(during_forward, grads)
+        return (self.weights + self.optimizer) / shards + live + self.allocator_share * act + self.runtime
 
     @property
     def peak(self) -> float:
@@ -97,6 +118,15 @@ class Memory:
     @property
     def peak_ckpt(self) -> float:
         return self._peak(self.activations_ckpt)
+
+    @property
+    def peak_sharded(self) -> float | None:
+        """Per device under FSDP over `shards` devices (None on one device)."""
+        return self._peak(self.activations, self.shards) if self.shards > 1 else None
+
+    @property
+    def peak_sharded_ckpt(self) -> float | None:
+        return self._peak(self.activations_ckpt, self.shards) if self.shards > 1 else None
 
 
 @dataclass
@@ -118,6 +148,8 @@ class Estimate:
     inference_extra_merged: float | None = None  # ... after `sftlab merge` (None: the method cannot merge)
     fits: bool | None = None
     fits_ckpt: bool | None = None
+    fits_sharded: bool | None = None  # FSDP over the devices (None on one device)
+    fits_sharded_ckpt: bool | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -344,6 +376,9 @@ def estimate(
     blocks = read_blocks(model, shape.family)
     head = head_matmul(model, source.task)
     e = torch.tensor([], dtype=dtype).element_size()
+    # Activations at the model dtype's element size also under autocast over fp32 weights: it keeps a mix (the fp32
+    # residual stream and norms, half-precision matmul inputs, sometimes both copies of one tensor), measured on the
+    # four tiny families 0-45% below the fp32 count, so the fp32 count is an upper bound, on the safe side for fits.
     by = Bytes(e, e if device.kind == "cpu" else 1, device.kind == "cpu")
     p = _pass(w, s, source.task, cand)
     est.pass_tokens = p.tokens + p.source_tokens
@@ -355,10 +390,11 @@ def estimate(
         workspace += rows * shape.vocab * 4
     workspace += 2 * p.tokens * shape.ffn * e
     quantized_weights = _quantized_saving(source, dtype, cand, e)
+    weight_bytes, trainable_bytes = _parameter_bytes(model)
     est.memory = Memory(
-        est.total * e - quantized_weights,
-        est.trainable * e,
-        2 * est.trainable * e,
+        weight_bytes - quantized_weights,
+        trainable_bytes,
+        2 * trainable_bytes,
         act,
         act_ckpt,
         workspace,
@@ -366,6 +402,9 @@ def estimate(
         accumulates=passes_per_step(w, s) > 1,
         allocator_share=ALLOCATOR_SHARE.get(device.kind, 0.0),
         runtime=RUNTIME.get(device.kind, 0.0),
+        casts=_autocast_copies(blocks, head, s, e, source.task, bool(quantized_weights)),
+        shards=s.processes,
+        unit=max((b.matmul for b in blocks), default=0) * e,
     )
     per_example = w.mean_tokens + w.target_mean
     fwd, train = example_flops(
@@ -383,12 +422,17 @@ def estimate(
         est.tokens_per_s = tput.flops / est.flops_train
         est.time_model = "flops"
     if est.tokens_per_s:
+        est.tokens_per_s *= s.processes  # data-parallel: each process its share of the batch
+    if est.tokens_per_s:
         est.time_per_epoch_s = est.tokens_per_epoch * s.epochs / est.tokens_per_s
     saves_full = get_method(cand.method["name"]).saves_full_model
-    est.storage_bytes = (est.total if saves_full else est.trainable) * e
+    est.storage_bytes = weight_bytes if saves_full else trainable_bytes
     est.inference_extra, est.inference_extra_merged = inference_extra(shape, blocks, cand)
     est.fits = est.memory.peak <= device.memory
     est.fits_ckpt = est.memory.peak_ckpt <= device.memory
+    if s.processes > 1:
+        est.fits_sharded = est.memory.peak_sharded <= device.memory
+        est.fits_sharded_ckpt = est.memory.peak_sharded_ckpt <= device.memory
     if quantized_weights:
         est.notes.append(
             "NF4 base: weights counted at 4.13 bits; time leaves out decoding each weight per GEMM (measured ~15% "
@@ -397,6 +441,30 @@ def estimate(
     if not shape.known:
         est.notes.append(f"model_type {shape.model_type!r} is sized as Llama-like (approximate)")
     return est
+
+
+def _parameter_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(bytes of every parameter, bytes of the trainable ones), each at its own dtype."""
+    every = trainable = 0
+    for p in model.parameters():
+        n = p.numel() * p.element_size()
+        every += n
+        trainable += n if p.requires_grad else 0
+    return every, trainable
+
+
+def _autocast_copies(
+    blocks: list[BlockTraining], head: tuple[int, bool], s: Settings, e: int, task: str, quantized: bool
+) -> float:
+    """Bytes of autocast's half-precision weight copies live at the end of the forward: every base matmul weight
+    whose input a gradient reaches (backward needs the weight for that input's gradient) and every trainable
+    matmul weight (autocast caches its casts of trainable leaves), the method's own included. The LM head is
+    not among them: sftlab's fused head casts it chunk by chunk and keeps none. None when the weights are already
+    in half precision (nothing to cast), or decoded per use from a quantised base."""
+    if not s.mixed or e <= 2:
+        return 0.0
+    base = 0 if quantized else sum(b.matmul_past_entry for b in blocks)
+    return 2.0 * (base + sum(b.added for b in blocks))
 
 
 # Bytes a weight takes in a quantised base: NF4 codes + int8 block scales (+ fp32 factor per 256 scales) | int8 + a
@@ -423,7 +491,12 @@ def run_config(source: ModelSource, cand: Candidate, s: Settings, data: dict, ou
         "model": {"name": source.name, "task": source.task, "dtype": s.dtype, **_quant_keys(cand)},
         "method": dict(cand.method),
         "data": data,
-        "train": {"output_dir": output_dir, "batch_size": s.batch_size, "epochs": s.epochs},
+        "train": {
+            "output_dir": output_dir,
+            "batch_size": s.batch_size,
+            "epochs": s.epochs,
+            **({"precision": s.precision} if s.precision != "fp32" else {}),
+        },
         "perf": {"micro_batch_tokens": s.micro_batch_tokens, "loss_chunk_size": s.loss_chunk_size},
     }
     return build_config(raw, "plan")

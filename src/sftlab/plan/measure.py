@@ -8,6 +8,11 @@ inside the training patches. Measured memory is the peak RSS during the steps mi
 built (Linux: the peak is reset once the model is built, so a loader's transient copies do not count; without
 /proc/self/clear_refs the lifetime peak is used); tokens/s is over the steps after the first (which allocates the
 optimizer state). The worker prints one JSON line.
+
+On a shared machine the CPU's speed moves between the plan's probes and a candidate's steps minutes later, so the
+worker also probes the time model's rates (plan/timing.py) just before and just after its steps, in its own
+process; the planner re-estimates tokens/s with them ("estimated beside the steps"), which separates the time
+model's error from the load's drift.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ DEFAULT_STEPS = 3
 class Measured:
     peak_rss_delta: float | None = None  # bytes
     tokens_per_s: float | None = None
+    rates: dict | None = None  # the time model's rates probed beside the steps (timing.Rates fields)
     seconds: float = 0.0
     error: str | None = None
     skipped: str | None = None
@@ -105,6 +111,8 @@ def worker(spec: dict) -> dict:
     else:
         model = random_model(spec["config_path"], cfg, labels)
     recipe.apply_method(model, cfg, tokenizer)
+    before_rates = _probe(spec)
+    _trim_heap()  # what building the model freed (a quantised base's fp32 weights) is not training's memory
     reset = _reset_peak()
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(
@@ -118,14 +126,50 @@ def worker(spec: dict) -> dict:
                 if i > 0 or spec["steps"] == 1:
                     seconds, tokens = seconds + r.seconds, tokens + r.real_tokens
     trainable, total = count_parameters(model)
+    peak = _peak_rss() - before
     return {
-        "peak_rss_delta": _peak_rss() - before,
+        "peak_rss_delta": peak,
         "peak_reset": reset,
+        "rates": _mean_rates(before_rates, _probe(spec)),
         "tokens_per_s": tokens / seconds if seconds else None,
         "seconds": seconds,
         "trainable": trainable,
         "total": total,
     }
+
+
+def _probe(spec: dict) -> dict | None:
+    """The time model's rates on this process's threads now (spec["probe"]: the plan's probe shapes)."""
+    probe = spec.get("probe")
+    if not probe:
+        return None
+    from dataclasses import asdict
+
+    from . import timing
+
+    rates = timing.calibrate(timing.ProbeShape(**probe["shape"]), spec["threads"], tuple(probe["widths"]),
+                             autocast=probe.get("autocast"))  # fmt: skip
+    return asdict(rates)
+
+
+def _mean_rates(a: dict | None, b: dict | None) -> dict | None:
+    """Field by field geometric mean of two probes (before and after the steps)."""
+    if a is None or b is None:
+        return a or b
+    out = {k: (a[k] * b[k]) ** 0.5 for k in a if k != "thin"}
+    out["thin"] = {w: (a["thin"][w] * b["thin"][w]) ** 0.5 for w in a["thin"]}
+    return out
+
+
+def _trim_heap() -> None:
+    """Give freed heap pages back to the OS (glibc malloc_trim), so the RSS before the steps is what is live."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def random_model(config_path: str, cfg, labels):
@@ -169,7 +213,7 @@ def run(spec: dict, timeout: float) -> Measured:
         tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
         return Measured(error=tail[:300], seconds=time.perf_counter() - t0)
     out = json.loads(lines[-1])
-    return Measured(out["peak_rss_delta"], out["tokens_per_s"], out["seconds"])
+    return Measured(out["peak_rss_delta"], out["tokens_per_s"], out.get("rates"), out["seconds"])
 
 
 def main(argv: list[str]) -> int:

@@ -43,6 +43,7 @@ class PlanInputs:
     device: str | None = None
     batch_size: int = 8
     dtype: str | None = None
+    precision: str | None = None  # train.precision (default fp32)
     epochs: float = 1.0
     time_budget_s: float | None = None
     needs: list[str] = field(default_factory=list)
@@ -65,6 +66,9 @@ class Plan:
     threads: int = 1  # CPU threads of the matmul peak and of --measure
     measured: dict[str, measuring.Measured] = field(default_factory=dict)
     measured_on: str = ""
+    rates: timing.Rates | None = None  # the CPU time model's rates (None: FLOPs at a stated throughput)
+    # tokens/s estimated with the rates each --measure worker probed beside its steps (see plan/measure.py)
+    estimated_beside: dict[str, float] = field(default_factory=dict)
 
     def by_key(self, key: str) -> Estimate:
         return next(e for e in self.estimates if e.key == key)
@@ -107,6 +111,8 @@ def situation_of(
     return Situation(
         fits={e.key: bool(e.fits) for e in ok},
         fits_ckpt={e.key: bool(e.fits_ckpt) for e in ok},
+        fits_sharded={e.key: bool(e.fits_sharded or e.fits_sharded_ckpt) for e in ok},
+        devices=inp_devices(estimates),
         within_time=within,
         storage={e.key: e.storage_bytes for e in ok},
         params=base_params,
@@ -118,14 +124,25 @@ def situation_of(
     )
 
 
+def inp_devices(estimates: list[Estimate]) -> int:
+    return next((e.memory.shards for e in estimates if e.memory is not None), 1)
+
+
 def make_plan(inp: PlanInputs, log=print) -> Plan:
     """Every candidate's numbers and the recommendation, for `inp`."""
     source = resolve(inp.model, inp.task, trust_remote_code=inp.trust_remote_code)
     dev = devices.parse(inp.device)
-    dtype = inp.dtype or ("float32" if dev.kind == "cpu" else "bfloat16")
+    precision = inp.precision or "fp32"
+    if precision not in ("fp32", "bf16-mixed", "fp16-mixed"):
+        raise ConfigError(f"--precision: {precision!r} is not one of fp32, bf16-mixed, fp16-mixed")
+    if precision == "fp16-mixed" and dev.kind != "cuda":
+        raise ConfigError("--precision fp16-mixed trains on CUDA only: use bf16-mixed or fp32 on a CPU")
+    # mixed precision keeps fp32 master weights unless --dtype says otherwise (a half-precision frozen base)
+    dtype = inp.dtype or ("float32" if dev.kind == "cpu" or precision != "fp32" else "bfloat16")
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
-    settings = Settings(batch_size=inp.batch_size, dtype=dtype, epochs=inp.epochs)
+    settings = Settings(batch_size=inp.batch_size, dtype=dtype, epochs=inp.epochs, precision=precision,
+                        processes=dev.count)  # fmt: skip
     w = workload_of(inp, source)
     from ..threads import choose_threads
 
@@ -138,11 +155,12 @@ def make_plan(inp: PlanInputs, log=print) -> Plan:
     cands = candidates(layers, source.task)
     rates = None
     if dev.kind == "cpu" and dev.source == "detected" and inp.throughput_tflops is None:
-        rates = timing.calibrate(probe_shape(source, w, settings), threads, thin_widths(source, cands))
+        rates = timing.calibrate(probe_shape(source, w, settings), threads, thin_widths(source, cands),
+                                 autocast=settings.precision if settings.mixed else None)  # fmt: skip
         tput = devices.Throughput(tput.flops, f"{tput.described}; time model {rates.describe()}")
     ests = [estimate(source, c, w, settings, dev, tput, base_total, rates) for c in cands]
     sit = situation_of(ests, w, inp, base_total, inp.epochs)
-    return Plan(inp, source, w, dev, settings, tput, ests, sit, decide(sit), threads=threads)
+    return Plan(inp, source, w, dev, settings, tput, ests, sit, decide(sit), threads=threads, rates=rates)
 
 
 def probe_shape(source: ModelSource, w: Workload, s: Settings) -> timing.ProbeShape:
@@ -183,8 +201,10 @@ def measure_plan(plan: Plan, steps: int, timeout: float, log=print) -> None:
     threads = plan.threads
     here = devices.detect()
     plan.measured_on = f"this machine: {here.label}, {threads} thread{'s' * (threads != 1)}, {steps} steps"
-    if here.kind != "cpu":
-        log("note: --measure runs on the CPU (sftlab trains on CPUs); the GPU estimates are not measured")
+    if here.kind != "cpu" or plan.device.kind != "cpu":
+        log(
+            "note: --measure runs on this machine's CPU (peak RSS); estimates for another device are not measured"
+        )
         here = devices.Device("cpu", devices._ram(), 1, "cpu", "detected")
     for est in plan.estimates:
         c = est.candidate
@@ -196,7 +216,13 @@ def measure_plan(plan: Plan, steps: int, timeout: float, log=print) -> None:
             )
             continue
         log(f"measuring {c.label} ...")
-        plan.measured[est.key] = measuring.run(worker_spec(plan, c, steps, threads), timeout)
+        got = plan.measured[est.key] = measuring.run(worker_spec(plan, c, steps, threads), timeout)
+        if got.rates and plan.rates is not None:
+            now = timing.Rates(**{**got.rates, "thin": {int(k): v for k, v in got.rates["thin"].items()}})
+            again = estimate(plan.source, c, plan.workload, plan.settings, plan.device, plan.throughput,
+                             est.base_total, now)  # fmt: skip
+            if again.tokens_per_s:
+                plan.estimated_beside[est.key] = again.tokens_per_s
 
 
 def worker_spec(plan: Plan, c: Candidate, steps: int, threads: int) -> dict:
@@ -217,6 +243,14 @@ def worker_spec(plan: Plan, c: Candidate, steps: int, threads: int) -> dict:
         "config_path": src.name,
         "tokenizer": src.tokenizer,
     }
+    if plan.rates is not None:
+        from dataclasses import asdict
+
+        spec["probe"] = {
+            "shape": asdict(probe_shape(src, w, plan.settings)),
+            "widths": list(thin_widths(src, [c])),
+            "autocast": plan.settings.precision if plan.settings.mixed else None,
+        }
     if not inp.data:
         n = max(steps * plan.settings.batch_size, 2)
         spec["synthetic"] = {"n": n, "length": w.max_tokens, "share": w.supervised_share,
@@ -255,8 +289,12 @@ def write_config(plan: Plan, key: str, path: Path) -> Path:
         data = {"train": "data/train.jsonl", "format": inp.format, "max_length": inp.max_length}
     cfg = run_config(plan.source, c, plan.settings, data, f"runs/{key}")
     cfg.train.lr = LEARNING_RATES.get(c.method["name"], 2e-4)
-    if plan.by_key(key).fits is False and plan.by_key(key).fits_ckpt:
+    est = plan.by_key(key)
+    if est.fits is False and (est.fits_ckpt or (not est.fits_sharded and est.fits_sharded_ckpt)):
         cfg.train.gradient_checkpointing = True
+    sharded = not (est.fits or est.fits_ckpt) and bool(est.fits_sharded or est.fits_sharded_ckpt)
+    if sharded:
+        cfg.train.distributed = "fsdp"
     rec = plan.recommendation
     lines = [f"# written by `sftlab plan --model {inp.model}`: {c.label}"]
     if rec.choice == key:
@@ -264,7 +302,12 @@ def write_config(plan: Plan, key: str, path: Path) -> Path:
     if not inp.data:
         lines.append("# data.train is a placeholder: point it at your data (the plan assumed "
                      f"{plan.workload.described})")  # fmt: skip
-    lines.append(f"# run: sftlab train {path}")
+    n = plan.settings.processes
+    lines.append(f"# run: sftlab train {path}" + (f" --nproc {n}" if n > 1 else ""))
+    if sharded:
+        lines.append(
+            f"#   FSDP: it fits only with weights, gradients and optimizer state sharded over the {n} devices"
+        )
     text = "\n".join(lines) + "\n" + dump_config(cfg)
     yaml.safe_load(text)  # what we write parses
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -65,7 +65,9 @@ def to_json(plan: Plan) -> dict[str, Any]:
                 memory={"weights": m.weights, "gradients": m.gradients, "optimizer": m.optimizer,
                         "activations": m.activations, "activations_checkpointed": m.activations_ckpt,
                         "workspace": m.workspace, "head_gradient": m.head_gradient, "runtime": m.runtime,
-                        "allocator_share": m.allocator_share, "peak": m.peak, "peak_checkpointed": m.peak_ckpt},
+                        "allocator_share": m.allocator_share, "autocast_copies": m.casts, "peak": m.peak,
+                        "peak_checkpointed": m.peak_ckpt, "peak_sharded": m.peak_sharded,
+                        "peak_sharded_checkpointed": m.peak_sharded_ckpt},
                 pass_tokens=e.pass_tokens,
                 flops_per_token={"forward": e.flops_forward, "train": e.flops_train},
                 tokens_per_epoch=e.tokens_per_epoch,
@@ -76,6 +78,8 @@ def to_json(plan: Plan) -> dict[str, Any]:
                 inference_extra_flops_per_token_merged=e.inference_extra_merged,
                 fits=e.fits,
                 fits_checkpointed=e.fits_ckpt,
+                fits_sharded=e.fits_sharded,
+                fits_sharded_checkpointed=e.fits_sharded_ckpt,
             )  # fmt: skip
         got = plan.measured.get(e.key)
         if got is not None:
@@ -86,6 +90,8 @@ def to_json(plan: Plan) -> dict[str, Any]:
                 "skipped": got.skipped,
                 "peak_error": _err(e.memory.peak if e.memory else None, got.peak_rss_delta),
                 "tokens_per_s_error": _err(est_tokens_per_s(plan, e), got.tokens_per_s),
+                "tokens_per_s_estimated_beside": plan.estimated_beside.get(e.key),
+                "tokens_per_s_error_beside": _err(plan.estimated_beside.get(e.key), got.tokens_per_s),
             }
         rows.append(row)
     rec = plan.recommendation
@@ -99,6 +105,7 @@ def to_json(plan: Plan) -> dict[str, Any]:
         "device": {"kind": plan.device.kind, "memory": plan.device.memory, "count": plan.device.count,
                    "name": plan.device.name, "source": plan.device.source},
         "settings": {"batch_size": plan.settings.batch_size, "dtype": plan.settings.dtype,
+                     "precision": plan.settings.precision, "processes": plan.settings.processes,
                      "micro_batch_tokens": plan.settings.micro_batch_tokens, "epochs": plan.settings.epochs},
         "throughput": {"flops": plan.throughput.flops, "described": plan.throughput.described},
         "candidates": rows,
@@ -112,7 +119,11 @@ def to_json(plan: Plan) -> dict[str, Any]:
 def _fits(e: Estimate) -> str:
     if e.fits:
         return "yes"
-    return "ckpt" if e.fits_ckpt else "no"
+    if e.fits_ckpt:
+        return "ckpt"
+    if e.fits_sharded:
+        return "fsdp"
+    return "fsdp+ckpt" if e.fits_sharded_ckpt else "no"
 
 
 def render(plan: Plan, console=None) -> None:
@@ -126,7 +137,8 @@ def render(plan: Plan, console=None) -> None:
         con = Console(width=width, force_terminal=con.is_terminal)
     src, w = plan.source, plan.workload
     con.print(f"[bold]model[/]    {src.described}: {src.task}, {human_count(plan.estimates[0].base_total or 0)} "
-              f"parameters, {plan.settings.dtype}")  # fmt: skip
+              f"parameters, {plan.settings.dtype}"
+              + (f", {plan.settings.precision}" if plan.settings.precision != "fp32" else ""))  # fmt: skip
     con.print(f"[bold]data[/]     {w.described}")
     con.print(f"[bold]device[/]   {plan.device.label} ({plan.device.source})")
     con.print(f"[bold]training[/] batch {plan.settings.batch_size}, passes of at most "
@@ -163,7 +175,8 @@ def render(plan: Plan, console=None) -> None:
                 why = (got.skipped or got.error or "-") if got else "-"
                 row += [why[:40], "", "", "", ""]
             else:
-                est_tps = est_tokens_per_s(plan, e)
+                # tokens/s: estimated with the rates probed beside the steps where the worker probed them
+                est_tps = plan.estimated_beside.get(e.key) or est_tokens_per_s(plan, e)
                 pe, te = _err(m.peak, got.peak_rss_delta), _err(est_tps, got.tokens_per_s)
                 row += [
                     human_bytes(got.peak_rss_delta), f"{pe:+.0%}" if pe is not None else "",
@@ -175,9 +188,15 @@ def render(plan: Plan, console=None) -> None:
     con.print("fits: yes / ckpt (only with activation checkpointing) / no, against the device's memory; "
               "peak = weights + optimizer + the larger of (activations + workspace) and gradients + allocator "
               "overhead; FLOPs/tok = forward + backward per training token")  # fmt: skip
+    if plan.settings.processes > 1:
+        n = plan.settings.processes
+        con.print(f"{n} devices, data-parallel (sftlab train --nproc {n}): memory per device under DDP; fsdp = fits "
+                  "only with weights, gradients and optimizer state sharded (train.distributed: fsdp); time/epoch "
+                  f"over the {n} devices, communication not modelled")  # fmt: skip
     if plan.measured_on:
         con.print(f"measured on {plan.measured_on}; err = (estimate - measured) / measured; measured peak is "
-                  "the peak RSS during the steps minus the RSS before the model was built")  # fmt: skip
+                  "the peak RSS during the steps minus the RSS before the model was built; tok/s est. uses the "
+                  "time model's rates probed beside each method's steps (the load moves between them)")  # fmt: skip
     for e in plan.estimates:
         for note in e.notes:
             con.print(f"note ({e.candidate.label}): {note}")

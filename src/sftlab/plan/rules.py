@@ -44,11 +44,17 @@ class Situation:
     tasks: int = 1
     needs: frozenset[str] = frozenset()
     data_format: str = "alpaca"
+    fits_sharded: dict[str, bool] = field(
+        default_factory=dict
+    )  # FSDP over the devices (with or without ckpt)
+    devices: int = 1
+
+    def fits_one(self, key: str) -> bool:
+        """Fits every device whole (one device, or DDP), with or without activation checkpointing."""
+        return self.fits.get(key, False) or self.fits_ckpt.get(key, False)
 
     def usable(self, key: str) -> bool:
-        return (self.fits.get(key, False) or self.fits_ckpt.get(key, False)) and self.within_time.get(
-            key, True
-        )
+        return (self.fits_one(key) or self.fits_sharded.get(key, False)) and self.within_time.get(key, True)
 
     @property
     def large_data(self) -> bool:
@@ -122,8 +128,7 @@ def _full(s: Situation):
     return "full", [
         Reason(DATA, f"large data close to pretraining ({s.tokens:,.0f} tokens an epoch for {s.params:,} "
                "parameters, plain text): every weight has data to learn from"),
-        Reason(COMPUTE, "full fine-tuning fits the device" + ("" if s.fits.get("full") else
-               " with activation checkpointing")),
+        Reason(COMPUTE, "full fine-tuning fits the device" + _how_it_fits(s, "full")),
     ]  # fmt: skip
 
 
@@ -207,6 +212,10 @@ ADVICE: list[tuple[Callable[[Situation, str | None], bool], Callable[[Situation,
     (lambda s, c: s.many_tasks,
      lambda s, c: Reason(APPLICATION, "several tasks: train them together as a mixture (data.tasks, e.g. "
                          "mixing: temperature) so shared skills transfer; keep a per-task eval set")),
+    (lambda s, c: c is not None and not s.fits_one(c) and s.fits_sharded.get(c, False),
+     lambda s, c: Reason(COMPUTE, f"fits only sharded: train with FSDP over the {s.devices} devices "
+                         f"(train.distributed: fsdp, sftlab train --nproc {s.devices}), which splits weights, "
+                         "gradients and optimizer state between them")),
     (lambda s, c: c is not None and not s.fits.get(c, True) and s.fits_ckpt.get(c, False),
      lambda s, c: Reason(COMPUTE, "fits only with activation checkpointing: set train.gradient_checkpointing: "
                          "true (about a third more compute per step)")),
@@ -228,13 +237,21 @@ def decide(s: Situation) -> Recommendation:
         rec.choice, rec.reasons, rec.rule = got[0], list(got[1]), name
         break
     if rec.choice is not None and not any(r.factor == COMPUTE for r in rec.reasons):
-        how = "" if s.fits.get(rec.choice) else " with activation checkpointing"
+        how = _how_it_fits(s, rec.choice)
         rec.reasons.append(Reason(COMPUTE, f"it fits the device's memory{how}"
                                   + (" and the time budget" if rec.choice in s.within_time else "")))  # fmt: skip
     if "low-latency" in s.needs and rec.choice and not any(r.factor == APPLICATION for r in rec.reasons):
         rec.reasons.append(_latency_reason(rec.choice))
     rec.advice = [make(s, rec.choice) for when, make in ADVICE if when(s, rec.choice)]
     return rec
+
+
+def _how_it_fits(s: Situation, key: str) -> str:
+    if s.fits.get(key):
+        return ""
+    if s.fits_ckpt.get(key):
+        return " with activation checkpointing"
+    return f" sharded over {s.devices} devices (FSDP)"
 
 
 def _latency_reason(choice: str) -> Reason:

@@ -58,6 +58,9 @@ class BlockTraining:
     matmul_source: int = 0  # ... of which read the source (T5 cross-attention k, v: per source token)
     matmul_source_trains: int = 0
     added: int = 0  # the method's own matmul weights in this block (LoRA A/B, adapter down/up)
+    matmul_past_entry: int = (
+        0  # base matmul weights whose input a gradient reaches (backward needs the weight)
+    )
 
 
 def _role(rel: str, family: str) -> str | None:
@@ -93,6 +96,7 @@ def read_blocks(model: nn.Module, family: str) -> list[BlockTraining]:
         for i, block in enumerate(model.get_submodule(stack)):
             b = BlockTraining(stack, i)
             first = len(ENTRY)  # earliest trainable point in this block
+            by_point: dict[str, int] = {}
             for pname, p in block.named_parameters():
                 module = _module_of(pname)
                 role = _role(module, family)
@@ -117,6 +121,8 @@ def read_blocks(model: nn.Module, family: str) -> list[BlockTraining]:
                         b.added += p.numel()
                 elif role is not None and pname.endswith(_MATMUL_LEAVES) and p.dim() == 2:
                     b.matmul += p.numel()
+                    point = _ROLE_ENTRY.get(role, "in")
+                    by_point[point] = by_point.get(point, 0) + p.numel()
                     if role in ("up", "down"):
                         b.matmul_mlp += p.numel()
                     if role == "xkv":
@@ -130,6 +136,9 @@ def read_blocks(model: nn.Module, family: str) -> list[BlockTraining]:
             if not flowing and first < len(ENTRY):
                 b.entry, flowing = ENTRY[first], True
             b.grads = flowing
+            if flowing:
+                after = ENTRY.index(b.entry)
+                b.matmul_past_entry = sum(n for pt, n in by_point.items() if ENTRY.index(pt) > after)
             out.append(b)
     return out
 

@@ -20,7 +20,8 @@ profiler per op) a step splits into:
   optimizer        fused AdamW + gradient clipping: per trainable parameter, every step, whatever the tokens.
 
 So `calibrate` times each kind once (about a second), on the shapes of this plan's pass and the kernels training
-calls, and `step_seconds` adds the parts up. Nothing here is fitted to a method: a method's time differs only by
+calls (under bf16 autocast for `train.precision: bf16-mixed`, as training runs it: oneDNN off, every matmul cast
+to bf16 and the block's projections' outputs in bf16), and `step_seconds` adds the parts up. Nothing here is fitted to a method: a method's time differs only by
 how much of each kind of work it does. Rates are medians of a few repetitions (a shared machine's load moves
 both the probe and the steps alike).
 """
@@ -96,22 +97,34 @@ class ProbeShape:
     causal: bool
 
 
-def calibrate(ps: ProbeShape, threads: int | None = None, thin_widths: tuple[int, ...] = ()) -> Rates:
+AUTOCAST = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}
+
+
+def calibrate(
+    ps: ProbeShape, threads: int | None = None, thin_widths: tuple[int, ...] = (), autocast: str | None = None
+) -> Rates:
     """Time each kind of work once on this CPU, with `threads` threads (training's count); the thin products at
-    each of `thin_widths` (LoRA ranks, adapter bottlenecks)."""
+    each of `thin_widths` (LoRA ranks, adapter bottlenecks); `autocast`: a mixed `train.precision`."""
     from .. import gemm
 
+    half = AUTOCAST.get(autocast) if autocast else None
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        with torch.no_grad(), gemm.enabled(True):
-            return _calibrate(ps, gemm.active(), thin_widths)
+        with (
+            torch.no_grad(),
+            gemm.enabled(half is None),
+            torch.autocast("cpu", half, enabled=half is not None),
+        ):
+            return _calibrate(ps, gemm.active(), thin_widths, half)
     finally:
         torch.set_num_threads(before)
 
 
-def _calibrate(ps: ProbeShape, onednn: bool, thin_widths: tuple[int, ...]) -> Rates:
+def _calibrate(
+    ps: ProbeShape, onednn: bool, thin_widths: tuple[int, ...], half: torch.dtype | None = None
+) -> Rates:
     g = torch.Generator().manual_seed(0)
     rows, h, f = min(ps.rows, MAX_ROWS), min(ps.hidden, MAX_DIM), min(ps.ffn, MAX_DIM)
     x = torch.randn(rows, h, generator=g)
@@ -173,7 +186,7 @@ def _calibrate(ps: ProbeShape, onednn: bool, thin_widths: tuple[int, ...]) -> Ra
     big = torch.randn(1 << 24, generator=g)  # 64 MB: beyond the caches, as the loss's logits are
     out = torch.empty_like(big)
     bandwidth = 3 * big.numel() * 4 / _median_time(lambda: torch.mul(big, big, out=out), reps=3)
-    ew_train, ew_fwd = _block_elementwise(rows, h, f, ps, g)
+    ew_train, ew_fwd = _block_elementwise(rows, h, f, ps, g, half)
 
     p = torch.nn.Parameter(torch.randn(1 << 20, generator=g))
     p.grad = torch.randn(1 << 20, generator=g)
@@ -189,13 +202,16 @@ def _calibrate(ps: ProbeShape, onednn: bool, thin_widths: tuple[int, ...]) -> Ra
                  thin={w: thin(w) for w in sorted(set(thin_widths))})  # fmt: skip
 
 
-def _block_elementwise(rows: int, h: int, f: int, ps: ProbeShape, g: torch.Generator) -> tuple[float, float]:
+def _block_elementwise(
+    rows: int, h: int, f: int, ps: ProbeShape, g: torch.Generator, half: torch.dtype | None = None
+) -> tuple[float, float]:
     """Seconds per token of one block's elementwise ops, forward + backward and forward only: two RMSNorms, RoPE on
     q and k, SiLU(gate) x up, two residual adds (a Llama block's; the other families' LayerNorm/GELU/dropout chains
-    are of the same size)."""
+    are of the same size). `half`: the projections' outputs (q/k, gate, up) in that dtype, as autocast makes them;
+    the residual stream stays fp32."""
     qk = 2 * min(ps.heads * ps.head_dim, MAX_DIM)
     w1, w2 = torch.ones(h), torch.ones(h)
-    cos, sin = torch.randn(rows, qk, generator=g), torch.randn(rows, qk, generator=g)
+    cos, sin = (torch.randn(rows, qk, generator=g).to(half or torch.float32) for _ in range(2))
 
     def chain(x, qkv, gate, up):
         y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w1
@@ -206,7 +222,10 @@ def _block_elementwise(rows: int, h: int, f: int, ps: ProbeShape, g: torch.Gener
         return (x2 + z).sum() + r.sum() + m.sum()
 
     def inputs(grad: bool):
-        return [torch.randn(rows, n, generator=g, requires_grad=grad) for n in (h, qk, f, f)]
+        out = [torch.randn(rows, h, generator=g)] + [
+            torch.randn(rows, n, generator=g).to(half or torch.float32) for n in (qk, f, f)
+        ]
+        return [t.requires_grad_(grad) for t in out]
 
     with torch.enable_grad():
         xs = inputs(True)

@@ -48,7 +48,8 @@ def test_plan_a_7b_model_offline_from_its_config_json_alone(llama7b, capsys):
     assert q["available"] is True and q["trainable_params"] == lo["trainable_params"]
     assert q["memory"]["weights"] < 0.4 * lo["memory"]["weights"]
     assert rows["lora-r16"]["inference_extra_flops_per_token_merged"] == 0
-    assert rows["full"]["storage_per_task"] > 100 * rows["lora-r16"]["storage_per_task"]  # 13.5 GB vs 80 MB
+    # 13.5 GB vs 160 MB: LoRA's own parameters are fp32 over the bf16 base (what final/ saves)
+    assert rows["full"]["storage_per_task"] > 80 * rows["lora-r16"]["storage_per_task"]
     rec = out["recommendation"]
     assert rec["choice"] in rows and rec["choice"] != "full" and rec["reasons"]
     assert all(r["factor"] for r in rec["reasons"])

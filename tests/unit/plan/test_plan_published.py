@@ -25,9 +25,10 @@ def test_7b_on_24_and_80_gb(model):
     on24 = _peaks(model, "cuda:24GB")
     assert not on24["full"].fits and on24["lora-r16"].fits and on24["qlora-r16"].fits
     assert _peaks(model, "cuda:80GB")["full"].fits  # pure bf16: 8 bytes per parameter + activations
-    # LLaMA-Factory (checkpointed): pure-bf16 full 60 GB, LoRA 16 GB, QLoRA-4 6 GB; ours within 20% below each
+    # LLaMA-Factory (checkpointed): pure-bf16 full 60 GB, LoRA 16 GB, QLoRA-4 6 GB, rounded up; ours within 20% below
+    # to 5% above each (sftlab keeps LoRA's own parameters, gradients and moments in fp32: +0.6 GB at 7B)
     for key, published in (("full", 60), ("lora-r16", 16), ("qlora-r16", 6)):
-        assert 0.8 * published * GB < on24[key].memory.peak_ckpt < 1.0 * published * GB
+        assert 0.8 * published * GB < on24[key].memory.peak_ckpt < 1.05 * published * GB
 
 
 def test_65b_nf4_lora_fits_the_qlora_papers_48_gb_card():
