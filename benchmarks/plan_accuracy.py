@@ -34,7 +34,7 @@ def run_model(model: str, args: argparse.Namespace, steps: str) -> tuple[int, in
     """One model's table; (rows, memory within 15%, tokens/s within 30%)."""
     cmd = [sys.executable, "-m", "sftlab.cli.main", "plan", "--model", model, "--examples", args.examples,
            "--seq-len", args.seq_len, "--supervised-share", args.supervised_share, "--batch-size", args.batch_size, "--device", "cpu", "--measure",
-           "--measure-steps", steps, "--threads", args.threads, "--json"]  # fmt: skip
+           "--measure-steps", steps, "--threads", args.threads, "--precision", args.precision, "--json"]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     plan = json.loads(out[out.index("{") :])
     print(f"### {plan['model']['source']}\n")
@@ -78,6 +78,9 @@ def main() -> None:
         "--large-steps", default="3", help="steps for the second and later models (SmolLM2: ~10 s a step)"
     )
     p.add_argument("--threads", default="1")
+    p.add_argument(
+        "--precision", default="fp32", help="train.precision: fp32 or bf16-mixed (this CPU's autocast)"
+    )
     args = p.parse_args()
     total = mem = tps = 0
     for i, model in enumerate(args.model):
