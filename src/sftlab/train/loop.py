@@ -50,6 +50,7 @@ from .conflict import pcgrad, pcgrad_note, task_gradients
 from .device import Precision, resolve_device
 from .distributed import PASS_WEIGHT, Dist, all_sum, barrier, current, no_sync, peers, wrap
 from .eval_loss import eval_loss
+from .interrupt import StepInterrupts
 from .metrics import MetricsLog
 from .mixture_stream import make_stream
 from .objective import Objective, count_supervised
@@ -226,6 +227,7 @@ class Trainer:
         self.saved_step: int | None = None  # the step whose state is on disk (saved or resumed from)
         self.save_abandoned = False  # the last save was cut short by a second Ctrl-C
         self._stale: list[Path] = []  # checkpoints newer than the one resumed from (they failed to verify)
+        self.interrupts = StepInterrupts()  # Ctrl-C held from a step's update to its end (train/interrupt.py)
 
     # -- one optimizer step ---------------------------------------------------------------------------
     def train_step(self, passes: list[dict]) -> tuple[float, int, int]:
@@ -309,6 +311,8 @@ class Trainer:
             cb.on_gradients(self, passes)
         t0 += time.perf_counter() - t_hooks  # diagnostics are not step time (tokens/s)
         lr = self.scheduler.get_last_lr()[0]
+        # from the update on, Ctrl-C waits until the step is counted and its callbacks have run (_loop)
+        self.interrupts.hold(self.state.step + 1)
         gnorm = self._optimizer_step()
         dt = time.perf_counter() - t0
         s = self.state
@@ -478,13 +482,16 @@ class Trainer:
         self.objective.train()
         start = None  # where the running step began: an interrupt rewinds there, so resume replays it whole
         try:
-            while self.state.step < self.total_steps and not self.should_stop and not self.out_of_time():
-                start = (self.state.epoch, self.state.batch_idx, torch.get_rng_state())
-                with self._peers(f"step {self.state.step + 1}"):
-                    result = self.step()
-                    start = None
-                    for cb in callbacks:
-                        cb.on_step_end(self, result)
+            with self.interrupts.installed():
+                while self.state.step < self.total_steps and not self.should_stop and not self.out_of_time():
+                    start = (self.state.epoch, self.state.batch_idx, torch.get_rng_state())
+                    with self._peers(f"step {self.state.step + 1}"):
+                        result = self.step()
+                        start = None
+                        self.interrupts.settle()
+                        for cb in callbacks:
+                            cb.on_step_end(self, result)
+                        self.interrupts.release()  # a Ctrl-C held over the step's end stops here
             if self.should_stop:
                 self.state.status = "early-stopped"
             else:
