@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import traceback
 from datetime import timedelta
@@ -110,8 +111,9 @@ def grad_worker(rank: int, world: int, port: int, cases: list, out: str) -> None
 
 
 def train_worker(rank: int, world: int, port: int, cfg, out: str, resume: bool, stop: dict | None) -> None:
-    """recipe.train on this rank; `stop`: {"step": N, "how": "interrupt" | "die", "rank": R} ends it there (Ctrl-C
-    on every rank, or rank R's process dying with exit code 3). What happened goes to out/result-rankR.json."""
+    """recipe.train on this rank; `stop`: {"step": N, "how": "interrupt" | "sigint" | "die", "rank": R} ends it
+    there (Ctrl-C on every rank before step N + 1's update, a real SIGINT to every rank right after that update, or
+    rank R's process dying with exit code 3). What happened goes to out/result-rankR.json."""
     _join(rank, world, port, timeout_s=cfg.train.dist_timeout_s)
     from sftlab.recipe import train
     from sftlab.train.loop import Trainer
@@ -123,6 +125,10 @@ def train_worker(rank: int, world: int, port: int, cfg, out: str, resume: bool, 
             if self.state.step == stop["step"]:
                 if stop["how"] == "interrupt":
                     raise KeyboardInterrupt
+                if stop["how"] == "sigint":
+                    gnorm = real(self)
+                    os.kill(os.getpid(), signal.SIGINT)
+                    return gnorm
                 if rank == stop["rank"]:
                     os._exit(3)
             return real(self)

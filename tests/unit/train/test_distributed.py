@@ -152,6 +152,20 @@ def test_ctrl_c_on_every_rank_saves_and_resumes_bit_identical(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_real_ctrl_c_after_the_update_saves_that_step_on_every_rank(tmp_path):
+    """SIGINT on every rank right after step 4's update (train/interrupt.py): each rank finishes step 4 (its periodic
+    checkpoint) before stopping, so no rank saves step-3 holding update 4; resume is bit-identical."""
+    codes, res = _run(tmp_path, 2, _train_cfg(tmp_path, "a"))
+    cut = _train_cfg(tmp_path, "s")
+    codes, res = _run(tmp_path, 2, cut, stop={"step": 3, "how": "sigint"})
+    assert res[0] == {"interrupted": True} and res[1] == {"interrupted": True}, res
+    assert [p.name for p in list_checkpoints(tmp_path / "s" / "run" / "checkpoints")] == ["step-2", "step-4"]
+    codes, res = _run(tmp_path, 2, cut, resume=True)
+    assert codes == [0, 0] and res[0]["summary"]["steps"] == 6, res
+    _assert_same(_final(tmp_path / "a" / "run"), _final(tmp_path / "s" / "run"))
+
+
+@pytest.mark.slow
 def test_other_world_size_resumes_with_a_warning(tmp_path):
     cfg = _train_cfg(tmp_path, "w")
     codes, res = _run(tmp_path, 2, cfg, stop={"step": 2, "how": "interrupt"})
