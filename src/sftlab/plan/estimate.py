@@ -103,13 +103,17 @@ class Memory:
     casts: float = 0.0  # autocast's half-precision weight copies kept for backward (mixed precision)
     shards: int = 1  # FSDP: devices the weights, gradients and optimizer state are sharded over
     unit: float = 0.0  # FSDP: the largest block's weights, gathered whole while it runs
+    replicated: float = (
+        0.0  # FSDP: weights it does not shard (a quantised base's codes are buffers, not parameters)
+    )
 
     def _peak(self, act: float, shards: int = 1) -> float:
         gathered = 2 * self.unit if shards > 1 else 0.0  # this block's and the prefetched next one's
         during_forward = act + self.workspace + self.head_gradient + self.casts / shards + gathered
         grads = self.gradients / shards
         live = grads + during_forward if self.accumulates else max(during_forward, grads)
-        return (self.weights + self.optimizer) / shards + live + self.allocator_share * act + self.runtime
+        states = (self.weights - self.replicated + self.optimizer) / shards + self.replicated
+        return states + live + self.allocator_share * act + self.runtime
 
     @property
     def peak(self) -> float:
@@ -405,6 +409,7 @@ def estimate(
         casts=_autocast_copies(blocks, head, s, e, source.task, bool(quantized_weights)),
         shards=s.processes,
         unit=max((b.matmul for b in blocks), default=0) * e,
+        replicated=_quantized_bytes(source, dtype, cand),
     )
     per_example = w.mean_tokens + w.target_mean
     fwd, train = example_flops(
@@ -470,6 +475,15 @@ def _autocast_copies(
 # Bytes a weight takes in a quantised base: NF4 codes + int8 block scales (+ fp32 factor per 256 scales) | int8 + a
 # per-row scale (ignored). See quant/codecs.py.
 QUANT_BYTES = {"nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0}
+
+
+def _quantized_bytes(source: ModelSource, dtype: torch.dtype, cand: Candidate) -> float:
+    """Bytes of a quantised base's codes and scales (0 for other candidates)."""
+    kind = cand.extra.get("quantize")
+    if not kind:
+        return 0.0
+    base = meta_model(source, dtype)
+    return sum(base.get_submodule(p).weight.numel() for p in quantizable(base)) * QUANT_BYTES[kind]
 
 
 def _quantized_saving(source: ModelSource, dtype: torch.dtype, cand: Candidate, e: int) -> float:

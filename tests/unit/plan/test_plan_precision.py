@@ -135,7 +135,26 @@ def test_several_devices_shard_under_fsdp_and_divide_the_time(tmp_path):
     # the config for full fine-tuning over the 8 cards is an FSDP run, started with --nproc 8
     out = write_config(eight, "full", tmp_path / "full.yaml")
     text = out.read_text()
-    assert yaml.safe_load(text)["train"]["distributed"] == "fsdp" and "--nproc 8" in text
+    written = yaml.safe_load(text)["train"]
+    assert written["distributed"] == "fsdp" and "--nproc 8" in text
+    assert written["gradient_checkpointing"] is (not f8.fits_sharded)
+    # AMP full fine-tuning on 8 x 24 GB fits only sharded and checkpointed: the config says both
+    amp = _plan("cuda:24GBx8", precision="bf16-mixed")
+    a8 = amp.by_key("full")
+    assert not a8.fits_ckpt and not a8.fits_sharded and a8.fits_sharded_ckpt
+    written = yaml.safe_load(write_config(amp, "full", tmp_path / "amp.yaml").read_text())["train"]
+    assert written["distributed"] == "fsdp" and written["gradient_checkpointing"] is True
+    assert written["precision"] == "bf16-mixed"
     assert yaml.safe_load(write_config(eight, "lora-r16", tmp_path / "l.yaml").read_text())["train"].get(
         "distributed"
     ) in (None, "ddp")
+
+
+def test_fsdp_does_not_shard_a_quantised_base():
+    """FSDP2 shards parameters; an NF4 base's codes are buffers, so every device keeps all of them."""
+    one, eight = _plan("cuda:24GB").by_key("qlora-r16"), _plan("cuda:24GBx8").by_key("qlora-r16")
+    lora8 = _plan("cuda:24GBx8").by_key("lora-r16")
+    codes = one.memory.replicated
+    assert codes > 0.5 * one.memory.weights and eight.memory.peak_sharded > codes
+    # a bf16 LoRA base shards 8 ways: its per-device peak falls by more than the NF4 base's
+    assert lora8.memory.peak - lora8.memory.peak_sharded > eight.memory.peak - eight.memory.peak_sharded

@@ -94,3 +94,15 @@ def test_many_tasks_advise_a_mixture_and_checkpointing_is_advised_only_when_need
     full_ckpt = decide(situation(fits=PEFT, ckpt=("full",), tokens=1e10, params=1e9, text=True))
     assert any("gradient_checkpointing" in r.text for r in full_ckpt.advice)
     assert not any("gradient_checkpointing" in r.text for r in decide(situation()).advice)
+
+
+def test_full_that_fits_only_sharded_is_chosen_for_large_text_with_the_fsdp_advice():
+    """8 devices: full fine-tuning fits only with FSDP -> still full for large data close to pretraining, and the
+    advice says how to run it; on one device (no sharding) the same situation falls back to LoRA."""
+    base = situation(fits=PEFT, tokens=1e10, params=1e9, text=True)
+    sharded = Situation(**{**base.__dict__, "fits_sharded": {k: True for k in KEYS}, "devices": 8})
+    rec = decide(sharded)
+    assert rec.choice == "full"
+    assert any(r.factor == COMPUTE and "FSDP over the 8 devices" in r.text for r in rec.advice)
+    assert any("sharded over 8 devices" in r.text for r in rec.reasons)
+    assert decide(base).choice == "lora-r16"
