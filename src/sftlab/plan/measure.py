@@ -90,6 +90,7 @@ def worker(spec: dict) -> dict:
     from .. import recipe
     from ..config import build_config
     from ..methods._targets import count_parameters
+    from ..quant import is_quantized_layer
     from ..train import patches
     from ..train.loop import Trainer
 
@@ -135,6 +136,7 @@ def worker(spec: dict) -> dict:
         "seconds": seconds,
         "trainable": trainable,
         "total": total,
+        "quantized_layers": sum(1 for m in model.modules() if is_quantized_layer(m)),
     }
 
 
@@ -186,6 +188,11 @@ def random_model(config_path: str, cfg, labels):
         config, dtype=DTYPES[cfg.model.dtype], attn_implementation=cfg.model.attn_implementation
     )
     torch.manual_seed(cfg.train.seed)
+    spec = cfg.model.quant_spec()
+    if spec is not None:  # model.quantize, as `load_model` applies it to a loaded checkpoint
+        from ..quant import quantize_model
+
+        quantize_model(model, spec)
     return model
 
 

@@ -64,3 +64,15 @@ def test_cli_measure_runs_every_candidate(capsys):
         else:
             assert "measured" not in row
     assert "1 thread," in out["measured_on"]
+
+
+def test_the_nf4_candidate_is_measured_on_a_quantised_base():
+    """A model known by its config alone gets random weights; the NF4 candidate's worker quantises them as loading
+    a checkpoint with model.quantize would (before the fix it measured plain LoRA)."""
+    inp = PlanInputs(model=str(LLAMA_21M), examples=16, seq_len=32, batch_size=2, device="cpu:16GB",
+                     throughput_tflops=0.05)  # fmt: skip
+    plan = make_plan(inp, log=lambda *_: None)
+    got = measuring.worker(worker_spec(plan, plan.by_key("qlora-r16").candidate, steps=1, threads=1))
+    assert got["quantized_layers"] == 4 * 7  # every projection of the 4 blocks
+    lora = measuring.worker(worker_spec(plan, plan.by_key("lora-r16").candidate, steps=1, threads=1))
+    assert lora["quantized_layers"] == 0 and lora["trainable"] == got["trainable"]
