@@ -59,6 +59,17 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
     return torch.device(name)
 
 
+def place(
+    model: nn.Module, device: str, precision: str, perf: PerfConfig, local_rank: int | None = None
+) -> tuple[Precision, PerfConfig]:
+    """A run's `train.device` / `train.precision`, set up once: the model moved (pure bf16: cast) before the optimizer
+    sees its parameters, and `perf` with the levers that do not apply on this device or under autocast off. The
+    device is the returned Precision's."""
+    prec = Precision(precision, resolve_device(device, local_rank))
+    prec.prepare(model)
+    return prec, prec.perf(perf)
+
+
 def usable_device(name: str) -> torch.device:
     """`train.device` for using a trained run (eval, generate, merge): the device it names when this machine has it,
     else the CPU (a run trained on a GPU is still usable here)."""

@@ -27,12 +27,15 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..errors import SftlabError
+from .device import Precision
+from .objective import count_supervised
 
 PASS_WEIGHT = "pass_weight"  # a collated pass's weight in the step: 0 for a stand-in pass (see local_part)
 
@@ -108,6 +111,49 @@ def local_part(batch: list[int], rank: int, world: int) -> list[int]:
     n = len(batch)
     lo, hi = rank * n // world, (rank + 1) * n // world
     return batch[lo:hi]
+
+
+# -- a step's passes: what they count, and the step on this rank's share ------------------------------------------
+
+
+class PassCounts(NamedTuple):
+    supervised: int  # the targets the step's loss is normalised by (per-token normalisation)
+    real: int  # non-pad tokens (tokens/s, state.tokens)
+
+
+def real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Non-pad tokens of a collated pass."""
+    return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+
+
+def pass_counts(passes: list[dict], task: str) -> PassCounts:
+    """What a step's passes count, known before any forward: one process's whole step, or this rank's share of a
+    distributed one (a stand-in pass, PASS_WEIGHT 0, counts nothing). The one place both paths derive it."""
+    counted = [b for b in passes if float(b.get(PASS_WEIGHT, 1.0))]
+    return PassCounts(sum(count_supervised(b, task) for b in counted), sum(real_tokens(b) for b in counted))
+
+
+def distributed_step(
+    wrapped: nn.Module, passes: list[dict], task: str, precision: Precision, device: torch.device, d: Dist
+) -> tuple[float, int, int]:
+    """The forward/backward of this rank's share of a global step: (loss per supervised target of the whole step,
+    its supervised count, its real tokens). Normalised by the global supervised count (all-reduced before any
+    backward); each rank's passes accumulate locally and are all-reduced (summed) in the backward of its last one."""
+    weights = [float(b.get(PASS_WEIGHT, 1.0)) for b in passes]
+    local = pass_counts(passes, task)
+    passes = [{k: v for k, v in b.items() if k != PASS_WEIGHT} for b in passes]
+    n_total, real = (int(x) for x in all_sum(list(local), device, d))
+    if n_total == 0:  # every rank sees it: none runs a backward
+        return 0.0, 0, 0
+    loss_sum = 0.0
+    for i, (batch, w) in enumerate(zip(passes, weights)):
+        with no_sync(wrapped, last=i == len(passes) - 1):
+            with precision.autocast():
+                loss = wrapped(batch).loss
+            precision.backward(loss * w / n_total if w != 1.0 else loss / n_total)
+        loss_sum += w * float(loss.detach())
+    (total,) = all_sum([loss_sum], device, d)
+    return total / n_total, n_total, real
 
 
 # -- collectives, failing with a clear error -------------------------------------------------------------------

@@ -47,13 +47,13 @@ from .checkpoint import (
     step_of,
 )
 from .conflict import pcgrad, pcgrad_note, task_gradients
-from .device import Precision, resolve_device
-from .distributed import PASS_WEIGHT, Dist, all_sum, barrier, current, no_sync, peers, wrap
+from .device import place
+from .distributed import Dist, all_sum, barrier, current, distributed_step, pass_counts, peers, wrap
 from .eval_loss import eval_loss
 from .interrupt import StepInterrupts
 from .metrics import MetricsLog
 from .mixture_stream import make_stream
-from .objective import Objective, count_supervised
+from .objective import Objective
 from .optim import build_optimizer, build_scheduler
 from .packing import resolve_packing
 from .task_eval import TaskEval, TaskSpec
@@ -62,11 +62,6 @@ from .trackers import tracking_callbacks
 
 def _quiet(*_args) -> None:
     """The log of ranks other than 0."""
-
-
-def _real_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Non-pad tokens of a collated pass."""
-    return int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
 
 
 class _ReadMetrics(MetricsLog):
@@ -182,12 +177,11 @@ class Trainer:
                 f"train.task_balancing: {c.task_balancing} projects whole per-task gradients, which a distributed run "
                 f"({d.world} processes) never holds in one place; drop it or train in one process"
             )
-        # train.device / train.precision (train/device.py): the model moves (pure bf16: is cast) before the
-        # optimizer sees its parameters; levers that do not apply on this device or under autocast are off.
-        self.device = resolve_device(c.device, d.local_rank if d.active else None)
-        self.precision = Precision(c.precision, self.device)
-        self.precision.prepare(self.model)
-        self.perf = self.precision.perf(self.perf)
+        # train.device / train.precision (train/device.py), before the optimizer sees the parameters
+        self.precision, self.perf = place(
+            self.model, c.device, c.precision, self.perf, d.local_rank if d.active else None
+        )
+        self.device = self.precision.device
         self.objective = Objective(self.model, self.task, self.perf, loss_weights=weights)
         self.packing = resolve_packing(
             self.perf.packing, self.task, self.model, self.train_examples, self.log
@@ -232,12 +226,11 @@ class Trainer:
     # -- one optimizer step ---------------------------------------------------------------------------
     def train_step(self, passes: list[dict]) -> tuple[float, int, int]:
         """Forward/backward over the passes, normalised by the supervised tokens of all of them."""
-        if self.dist.active:
-            return self._distributed_step(passes)
-        n_total = sum(count_supervised(b, self.task) for b in passes)
+        if self.dist.active:  # this rank's share of the global step (train/distributed.py)
+            return distributed_step(self.wrapped, passes, self.task, self.precision, self.device, self.dist)
+        n_total, real = pass_counts(passes, self.task)
         if n_total == 0:
             return 0.0, 0, 0
-        real = sum(_real_tokens(b) for b in passes)
         if self.cfg.task_balancing == "pcgrad" and self.mixture is not None:
             return self._pcgrad_step(passes) / n_total, n_total, real
         loss_sum = 0.0
@@ -247,26 +240,6 @@ class Trainer:
             self.precision.backward(loss / n_total)
             loss_sum += float(loss.detach())
         return loss_sum / n_total, n_total, real
-
-    def _distributed_step(self, passes: list[dict]) -> tuple[float, int, int]:
-        """train_step on this rank's share of the global step: normalised by the global supervised count, each
-        rank's passes accumulated locally and all-reduced (summed) in the backward of its last one."""
-        weights = [float(b.get(PASS_WEIGHT, 1.0)) for b in passes]
-        passes = [{k: v for k, v in b.items() if k != PASS_WEIGHT} for b in passes]
-        n_local = sum(count_supervised(b, self.task) for b, w in zip(passes, weights) if w)
-        real_local = sum(_real_tokens(b) for b, w in zip(passes, weights) if w)
-        n_total, real = (int(x) for x in all_sum([n_local, real_local], self.device, self.dist))
-        if n_total == 0:  # every rank sees it: none runs a backward
-            return 0.0, 0, 0
-        loss_sum = 0.0
-        for i, (batch, w) in enumerate(zip(passes, weights)):
-            with no_sync(self.wrapped, last=i == len(passes) - 1):
-                with self.precision.autocast():
-                    loss = self.wrapped(batch).loss
-                self.precision.backward(loss * w / n_total if w != 1.0 else loss / n_total)
-            loss_sum += w * float(loss.detach())
-        (total,) = all_sum([loss_sum], self.device, self.dist)
-        return total / n_total, n_total, real
 
     def _pcgrad_step(self, passes: list[dict]) -> float:
         """The step's gradient by PCGrad (train/conflict.py), set as the parameters' grad; returns the loss sum."""
