@@ -11,6 +11,7 @@ from .config import DataConfig
 from .data.templates import END_OF_TURN
 from .errors import ConfigError, ModelError
 from .models import describe_limit, position_limit
+from .quant import decoded_once
 from .scores import cut_at
 
 log = logging.getLogger(__name__)
@@ -105,28 +106,29 @@ def generate_ids(
     is_seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     outs: list[list[int]] = []
-    for start in range(0, len(prompts), batch_size):
-        ids = prompts[start : start + batch_size]
-        width = max(len(x) for x in ids)
-        if is_seq2seq:
-            input_ids = torch.tensor([x + [pad_id] * (width - len(x)) for x in ids])
-            mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
-        else:
-            input_ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in ids])
-            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
-        device = next(model.parameters()).device
-        input_ids, mask = input_ids.to(device), mask.to(device)
-        new_tokens = fit_new_tokens(model, width, max_new_tokens, reserved_positions, warn=start == 0)
-        kwargs = {"do_sample": temperature > 0, "max_new_tokens": new_tokens, "pad_token_id": pad_id}
-        if temperature > 0:
-            kwargs["temperature"] = temperature
-            if top_p < 1:
-                kwargs["top_p"] = top_p
-        out = model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
-        new = (
-            out if is_seq2seq else out[:, width:]
-        )  # (B, new) ; seq2seq rows start with the decoder start token
-        outs.extend(row.tolist() for row in new.cpu())
+    with decoded_once(model):  # a quantised base decodes each weight once, not once per new token
+        for start in range(0, len(prompts), batch_size):
+            ids = prompts[start : start + batch_size]
+            width = max(len(x) for x in ids)
+            if is_seq2seq:
+                input_ids = torch.tensor([x + [pad_id] * (width - len(x)) for x in ids])
+                mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
+            else:
+                input_ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in ids])
+                mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+            device = next(model.parameters()).device
+            input_ids, mask = input_ids.to(device), mask.to(device)
+            new_tokens = fit_new_tokens(model, width, max_new_tokens, reserved_positions, warn=start == 0)
+            kwargs = {"do_sample": temperature > 0, "max_new_tokens": new_tokens, "pad_token_id": pad_id}
+            if temperature > 0:
+                kwargs["temperature"] = temperature
+                if top_p < 1:
+                    kwargs["top_p"] = top_p
+            out = model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+            new = (
+                out if is_seq2seq else out[:, width:]
+            )  # (B, new) ; seq2seq rows start with the decoder start token
+            outs.extend(row.tolist() for row in new.cpu())
     return outs
 
 

@@ -6,6 +6,7 @@ import json
 import random
 from types import SimpleNamespace
 
+import torch
 from helpers import write_jsonl
 
 from sftlab.config import build_config
@@ -70,7 +71,7 @@ def test_a_round_with_a_never_confident_class_still_keeps_pseudo_labels_and_says
     monkeypatch.setattr(
         st_run,
         "load_run",
-        lambda *a, **k: (None, None, SimpleNamespace(model=SimpleNamespace(task="seq-cls"))),
+        lambda *a, **k: (torch.nn.Identity(), None, SimpleNamespace(model=SimpleNamespace(task="seq-cls"))),
     )
     monkeypatch.setattr(st_run, "weights_digest", lambda path: "digest")
     monkeypatch.setattr(st_run, "classify", lambda *a, **k: preds)

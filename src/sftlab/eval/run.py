@@ -25,6 +25,7 @@ import torch
 
 from ..errors import ConfigError
 from ..files import write_json
+from ..quant import decoded_once
 from ..scores import KEYS, check_metrics
 
 LOSS = "loss"
@@ -118,34 +119,37 @@ def evaluate_run(run_dir: str | Path, opts: EvalOptions) -> dict:
             model = None
             gc.collect()
             model = _base_model(cfg, tok, labels)
-        t0 = time.perf_counter()
-        scores: dict[str, Any] = {}
-        if with_loss:
-            from .evaluate import evaluate
+        with decoded_once(model):  # a quantised base: each weight decoded once, not per batch or new token
+            t0 = time.perf_counter()
+            scores: dict[str, Any] = {}
+            if with_loss:
+                from .evaluate import evaluate
 
-            scores.update(
-                evaluate(model, encoded.examples, cfg.model.task, opts.batch_size, tok.pad_token_id, cfg.perf)
-            )
-            if cfg.model.task == "seq-cls":
-                from .classify import predict, report
+                scores.update(
+                    evaluate(
+                        model, encoded.examples, cfg.model.task, opts.batch_size, tok.pad_token_id, cfg.perf
+                    )
+                )
+                if cfg.model.task == "seq-cls":
+                    from .classify import predict, report
 
-                preds = predict(model, encoded.examples, opts.batch_size, tok.pad_token_id, cfg.perf)
-                rep, outputs[side] = report(encoded.examples, preds, labels, tok)
-                scores.update(rep)
-        if generate:
-            from .generation import answer, prompt_ids, score
+                    preds = predict(model, encoded.examples, opts.batch_size, tok.pad_token_id, cfg.perf)
+                    rep, outputs[side] = report(encoded.examples, preds, labels, tok)
+                    scores.update(rep)
+            if generate:
+                from .generation import answer, prompt_ids, score
 
-            if opts.temperature > 0:
-                torch.manual_seed(opts.seed)
-            ids = prompt_ids(tok, data_cfg, cfg.model.task, prompts)
-            reserved = getattr(cfg.method, "num_virtual_tokens", 0) or 0
-            predictions = answer(
-                model, tok, ids, result["generation"]["max_new_tokens"], opts.batch_size,
-                opts.temperature, opts.top_p, reserved if side == "model" else 0,
-            )  # fmt: skip
-            corpus, outputs[side] = score(metrics, prompts, predictions)
-            scores.update(corpus)
-        scores["seconds"] = time.perf_counter() - t0
+                if opts.temperature > 0:
+                    torch.manual_seed(opts.seed)
+                ids = prompt_ids(tok, data_cfg, cfg.model.task, prompts)
+                reserved = getattr(cfg.method, "num_virtual_tokens", 0) or 0
+                predictions = answer(
+                    model, tok, ids, result["generation"]["max_new_tokens"], opts.batch_size,
+                    opts.temperature, opts.top_p, reserved if side == "model" else 0,
+                )  # fmt: skip
+                corpus, outputs[side] = score(metrics, prompts, predictions)
+                scores.update(corpus)
+            scores["seconds"] = time.perf_counter() - t0
         if side == "model":
             result.update(scores)
         else:

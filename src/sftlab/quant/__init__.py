@@ -7,11 +7,13 @@ checkpoint or to final/. `dequantize_model` turns them back into plain layers fo
 
   codecs.py   NF4 (blockwise absmax, double quantisation) and int8 (per-row absmax), pure PyTorch
   linear.py   QuantLinear: decode, GEMM, drop; backward decodes again
+  cache.py    decoded_once: inference decodes each weight once, not once per forward (per generated token)
   model.py    which layers, quantize_model / dequantize_model, weight_memory for the summary
   stream.py   a safetensors directory or a GGUF file read tensor by tensor straight into a quantised model
   bnb.py      the bitsandbytes backend (Linear4bit / Linear8bitLt, CUDA only)
 """
 
+from .cache import decoded_once
 from .codecs import NF4_CODE, dequantize_int8, dequantize_nf4, quantize_int8, quantize_nf4
 from .linear import KINDS, QuantLinear
 from .model import (
@@ -31,6 +33,7 @@ __all__ = [
     "QuantLinear",
     "QuantSpec",
     "decoded_layer",
+    "decoded_once",
     "dequantize_int8",
     "dequantize_model",
     "dequantize_nf4",

@@ -2,7 +2,8 @@
 
 The forward decodes W into the compute dtype, runs the GEMM and drops W again; backward decodes it once more for
 dX = dY W. So no full-precision copy of a quantised weight outlives one layer's GEMM, and the layer keeps nothing
-for backward but itself (its weight is frozen: no dW, so no saved input). LoRA wraps it like an nn.Linear
+for backward but itself (its weight is frozen: no dW, so no saved input). Inference (generation: a forward per token)
+decodes each weight once instead, inside `cache.decoded_once` (eval mode only). LoRA wraps it like an nn.Linear
 (`methods/lora/layer.py`), with its update added into the same GEMM's output.
 """
 
@@ -89,6 +90,7 @@ class QuantLinear(nn.Module):
         for name, t in q.tensors().items():
             self.register_buffer(f"q_{name}", t)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.decode_cache = None  # a cache.DecodedWeights while a `decoded_once` block is open
 
     def _codec(self) -> NF4Weight | Int8Weight:
         if self.kind == "int8":
@@ -103,14 +105,27 @@ class QuantLinear(nn.Module):
         )
 
     def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """W as (d_out, d_in) in `dtype` (default: the compute dtype)."""
+        """W as (d_out, d_in) in `dtype` (default: the compute dtype), for a GEMM to read (never to write): decoded
+        now, or in eval mode inside `cache.decoded_once`, decoded once and kept for the next forward."""
         dtype = dtype or self.compute_dtype
+        if self.decode_cache is not None and not self.training:
+            return self.decode_cache.get(self, dtype)
+        return self.decoded(dtype)
+
+    def decoded(self, dtype: torch.dtype) -> torch.Tensor:
+        """W as (d_out, d_in) in `dtype`, freshly decoded (a tensor of the caller's own)."""
         q = self._codec()
         return dequantize_nf4(q, dtype) if self.kind == "nf4" else dequantize_int8(q, dtype)
 
+    def train(self, mode: bool = True) -> QuantLinear:
+        """Training resumes: this layer's decoded weights leave the cache (a forward decodes per use again)."""
+        if mode and self.decode_cache is not None:
+            self.decode_cache.drop(self)
+        return super().train(mode)
+
     @property
     def weight(self) -> torch.Tensor:
-        w = self.dequantized(self.orig_dtype)
+        w = self.decoded(self.orig_dtype)
         return w.t() if self.transposed else w
 
     def quantized_bytes(self) -> int:
@@ -125,7 +140,7 @@ class QuantLinear(nn.Module):
 
     def to_float(self) -> nn.Linear | Conv1D:
         """The plain layer this stands for, its weight decoded (in the original dtype): for merging and export."""
-        w = self.dequantized(self.orig_dtype)
+        w = self.decoded(self.orig_dtype)  # its own copy: merging adds into it
         dev = w.device
         if self.transposed:
             out = Conv1D(self.out_features, self.in_features)

@@ -37,6 +37,7 @@ from ..data.readers import is_hub_name
 from ..errors import ConfigError, DataError, RunDirError
 from ..eval.evaluate import evaluate
 from ..files import read_json_object, recorded, weights_digest
+from ..quant import decoded_once
 from ..recipe import train
 from ..rundir import config_changes, describe_changes
 from ..runs import load_run
@@ -253,21 +254,25 @@ def pseudo_label(job: SelfTraining, r: int, teacher: Path, pool: list[RawRecord]
     log(f"self-train: round {r}: teacher {teacher} labels {len(pool)} unlabelled records")
     meta: dict = {"round": r, "teacher": str(teacher), "teacher_digest": weights_digest(teacher / "final"),
                   "pool": len(pool)}  # fmt: skip
-    if r == 1 and job.st.teacher and dev is not None:  # a given teacher: its dev metrics, for round 0's point
-        meta["teacher_result"] = dev_metrics(model, tok, job, names, dev)
+    agreement = None
+    if names is None and st.agreement_samples:
+        agreement = Agreement(st.agreement_samples, st.agreement_temperature, st.min_agreement,
+                              (job.cfg.train.seed, r))  # fmt: skip
+    with decoded_once(model):  # a quantised teacher decodes each weight once, not per batch or new token
+        # a given teacher: its dev metrics, for round 0's point
+        if r == 1 and job.st.teacher and dev is not None:
+            meta["teacher_result"] = dev_metrics(model, tok, job, names, dev)
+        if names is not None:
+            preds = classify(model, tok, data, pool, names, st.batch_size)
+        else:
+            preds = generate_answers(model, tok, data, pool, st.max_new_tokens, st.batch_size, agreement)
     if names is not None:
-        preds = classify(model, tok, data, pool, names, st.batch_size)
         counts = label_counts(job, labelled, names)
         shares = class_shares(counts, st.balance)
         kept = select([p.label for p in preds], [p.confidence for p in preds], len(names), st.threshold,
                       st.top_k_per_class, shares)  # fmt: skip
         meta["labelled_per_class"] = dict(zip(names, counts))
     else:
-        agreement = None
-        if st.agreement_samples:
-            agreement = Agreement(st.agreement_samples, st.agreement_temperature, st.min_agreement,
-                                  (job.cfg.train.seed, r))  # fmt: skip
-        preds = generate_answers(model, tok, data, pool, st.max_new_tokens, st.batch_size, agreement)
         usable = [p.reason is None for p in preds]
         kept = select([0] * len(preds), [p.confidence for p in preds], 1, st.threshold, st.top_k_per_class,
                       [1.0], usable)  # fmt: skip
