@@ -42,10 +42,10 @@ SECTION = "self_train"
 class SelfTrainConfig(StrictModel):
     unlabelled: str = Field(
         ...,
-        description="The unlabelled pool: a file or directory in data.format's layout (data.columns renames apply "
-        "to its text/prompt fields). Only those fields are read: label, output, target or answer fields are "
-        "dropped as each record is read, so a pool that happens to hold labels is treated exactly like one that "
-        "does not.",
+        description="The unlabelled pool: a file or directory in data.format's layout, or an hf:ORG/NAME[:split] "
+        "dataset (read in data.subset, like data.train); data.columns renames apply to its text/prompt fields. "
+        "Only those fields are read: label, output, target or answer fields are dropped as each record is read, so "
+        "a pool that happens to hold labels is treated exactly like one that does not.",
     )
     skip: int = Field(
         0,
