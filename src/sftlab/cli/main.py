@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(argv: list[str] | None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _plain_warnings()
+    _quiet_torchao_import()
     args = build_parser().parse_args(argv)
     import_libraries()
     from ..errors import SftlabError
@@ -81,6 +82,36 @@ def _plain_warnings() -> None:
         return default(message, category, filename, lineno, line)
 
     warnings.formatwarning = fmt
+
+
+TORCHAO_KERNEL_LOAD = r"Failed to load \S*torchao[/\\]_C[^/\\]*\.so\b"
+ENUM_CONSTANT_NOTE = (
+    "is an Enum subclass and is now natively supported by torch.compile as an opaque value type"
+)
+
+
+def _quiet_torchao_import() -> None:
+    """transformers imports torchao whenever it is installed (transformers/quantizers/quantizer_torchao.py), and
+    torchao's import printed on every command: a WARNING per optional compiled kernel of its wheel that cannot load
+    here ("Failed to load .../torchao/_C_mxfp8...so": a build for another Python or a CUDA architecture this
+    machine lacks; sftlab calls none of them), logged at DEBUG instead; and torch pytree's note that registering an
+    Enum as a constant (as torchao does) is deprecated, meant for torchao's authors, dropped. Every other message of
+    those loggers passes unchanged."""
+    import logging
+    import re
+
+    if getattr(_quiet_torchao_import, "done", False):  # main() may run many times in one process (tests)
+        return
+    _quiet_torchao_import.done = True  # type: ignore[attr-defined]
+    kernel = re.compile(TORCHAO_KERNEL_LOAD)
+
+    def demote(record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and kernel.match(record.getMessage()):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+    logging.getLogger("torchao").addFilter(demote)
+    logging.getLogger("torch.utils._pytree").addFilter(lambda r: ENUM_CONSTANT_NOTE not in r.getMessage())
 
 
 def import_libraries() -> None:
