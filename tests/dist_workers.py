@@ -110,6 +110,69 @@ def grad_worker(rank: int, world: int, port: int, cases: list, out: str) -> None
         dist.destroy_process_group()
 
 
+def _fake_generate(model, tokenizer, prompts, max_new_tokens=8, **_kw):
+    """Deterministic answers that depend on the prompt, right for some and wrong for others (a task's generated
+    metric is then neither 0 nor 1): "Repeat: w" -> "w" (F1 2/3 against "w w") when the sum of the prompt's ids is even,
+    else "x"; a classification prompt -> "positive" or "negative" by that sum. Records how many it answered."""
+    _GENERATED.append(len(prompts))
+    out = []
+    for p in prompts:
+        text, even = tokenizer.decode(p), sum(p) % 2 == 0
+        if "Repeat: " in text:
+            answer = text.split("Repeat: ")[1].split("<")[0].split()[0] if even else "x"
+        else:
+            answer = "positive" if even else "negative"
+        out.append(tokenizer(answer, add_special_tokens=False)["input_ids"])
+    return out
+
+
+_GENERATED: list[int] = []
+
+
+def evaluated(cfg, run_dir: Path) -> dict:
+    """The trainer's eval (the loop's numbers) on this rank, with the eval rows each rank ran forwards on and the
+    prompts it generated answers for (a stub generator: task_eval's sharding is what is tested)."""
+    import sftlab.train.task_eval as task_eval_mod
+    from sftlab.recipe import prepare, task_evaluation
+    from sftlab.train.loop import Trainer
+
+    torch.manual_seed(cfg.train.seed)
+    model, tok, data, eval_data = prepare(cfg, log=_quiet)
+    t = Trainer(
+        model=model, cfg=cfg.train, task=cfg.model.task, train_examples=data.examples, pad_id=tok.pad_token_id,
+        run_dir=run_dir, perf=cfg.perf, callbacks=[], log=_quiet, mixture=getattr(data, "mixture", None),
+        eval_examples=(eval_data or data).examples, task_eval=task_evaluation(cfg, tok, model),
+    )  # fmt: skip
+    rows: list[int] = []
+    t.objective.register_forward_pre_hook(
+        lambda m, args: None if m.training else rows.append(len(args[0]["labels"]))
+    )
+    real, task_eval_mod.generate_ids = task_eval_mod.generate_ids, _fake_generate
+    _GENERATED.clear()
+    try:
+        overall, per_task = t.evaluate()
+    finally:
+        task_eval_mod.generate_ids = real
+    return {
+        "overall": overall,
+        "tasks": per_task,
+        "rows": sum(rows),
+        "forwards": len(rows),
+        "generated": sum(_GENERATED),
+    }
+
+
+def eval_worker(rank: int, world: int, port: int, cases: list, out: str) -> None:
+    """For each (name, cfg): the trainer's eval on this rank, to out/name-rankR.pt."""
+    _join(rank, world, port)
+    try:
+        for name, cfg in cases:
+            torch.save(evaluated(cfg, Path(out) / name), Path(out) / f"{name}-rank{rank}.pt")
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def train_worker(rank: int, world: int, port: int, cfg, out: str, resume: bool, stop: dict | None) -> None:
     """recipe.train on this rank; `stop`: {"step": N, "how": "interrupt" | "sigint" | "die", "rank": R} ends it
     there (Ctrl-C on every rank before step N + 1's update, a real SIGINT to every rank right after that update, or

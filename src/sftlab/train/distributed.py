@@ -10,8 +10,8 @@ What N processes agree on, so that they train the model one process would with t
 - The step's loss is normalised by the supervised targets of the whole global step (all-reduced before any
   backward); the gradient all-reduce *sums* (a DDP comm hook; FSDP2 reduce-scatters with the sum too), so the
   gradient is the global batch's own, as in one process.
-- Rank 0 writes metrics, plots, checkpoints and final/; every rank evaluates the whole eval set (the same
-  numbers everywhere, so early stopping agrees). DDP checkpoints are rank 0's copy (all ranks hold the same
+- Rank 0 writes metrics, plots, checkpoints and final/; each rank evaluates its share of the eval set and the sums
+  are all-reduced (train/eval_loss.py), so every rank gets the one-process numbers and early stopping agrees. DDP checkpoints are rank 0's copy (all ranks hold the same
   weights and optimizer state); FSDP2 checkpoints gather the full tensors (`full_tensor`) onto every rank and
   rank 0 writes them in the one-process format, so a checkpoint resumes under any world size.
 - A process that dies, or stops answering for train.dist_timeout_s, makes the others fail with a
@@ -206,6 +206,16 @@ def all_sum(values: list[float], device: torch.device, d: Dist) -> list[float]:
     with peers("an all-reduce", d.rank):
         dist.all_reduce(t)
     return t.tolist()
+
+
+def gather_objects(obj, d: Dist) -> list:
+    """Every rank's `obj`, in rank order, on every rank (a few picklable values: per-example eval scores)."""
+    if not d.active:
+        return [obj]
+    out: list = [None] * d.world
+    with peers("an all-gather", d.rank):
+        dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier(d: Dist, what: str) -> None:

@@ -400,8 +400,10 @@ class Trainer:
         size = self.cfg.eval_batch_size or self.cfg.batch_size
         with self.precision.autocast():
             if self.task_eval is not None:
-                return self.task_eval.evaluate(self.objective, self.eval_examples, size, self.pad_id)
-            return eval_loss(self.objective, self.eval_examples, size, self.pad_id), []
+                return self.task_eval.evaluate(
+                    self.objective, self.eval_examples, size, self.pad_id, self.dist
+                )
+            return eval_loss(self.objective, self.eval_examples, size, self.pad_id, self.dist), []
 
     # -- the loop -------------------------------------------------------------------------------------
     def fit(self, resume: bool = False) -> LoopState:

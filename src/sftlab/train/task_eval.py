@@ -29,6 +29,7 @@ from ..data.batching import IGNORE
 from ..data.tasks import TASK_KEY, TEXT_TASKS
 from ..generate import Answers, generate_ids
 from ..scores import exact_match, label_match, mean, token_f1
+from .distributed import Dist, gather_objects
 from .eval_loss import eval_loss
 from .objective import Objective
 
@@ -76,9 +77,10 @@ class TaskEval:
     _answers: Answers | None = field(default=None, repr=False)
 
     def evaluate(
-        self, objective: Objective, examples: list[dict], batch_size: int, pad_id: int
+        self, objective: Objective, examples: list[dict], batch_size: int, pad_id: int, d: Dist | None = None
     ) -> tuple[dict, list[dict]]:
-        """(the overall row, one row per task that has eval examples)."""
+        """(the overall row, one row per task that has eval examples). `d`: a distributed run's place; each rank
+        evaluates its share and every rank returns the one-process rows (eval_loss.py, `_generated`)."""
         groups: list[list[dict]] = [[] for _ in self.tasks]
         for ex in examples:
             groups[ex[TASK_KEY]].append(ex)
@@ -86,7 +88,7 @@ class TaskEval:
         for i, (spec, exs) in enumerate(zip(self.tasks, groups)):
             if not exs:
                 continue
-            res = eval_loss(objective, exs, batch_size, pad_id)
+            res = eval_loss(objective, exs, batch_size, pad_id, d)
             row = {"task": spec.name, **res, "eval_examples": len(exs)}
             total += res["eval_loss"] * res["eval_tokens"]
             tokens += res["eval_tokens"]
@@ -94,7 +96,7 @@ class TaskEval:
                 correct += res["eval_accuracy"] * len(exs)
                 n_cls += len(exs)
             if spec.generate and self.generate_limit:
-                row.update(self._generated(objective, i, spec, exs[: self.generate_limit], batch_size))
+                row.update(self._generated(objective, i, spec, exs[: self.generate_limit], batch_size, d))
             rows.append(row)
         overall = {"eval_loss": total / max(1, tokens), "eval_tokens": tokens}
         if objective.task == "seq-cls":
@@ -105,20 +107,33 @@ class TaskEval:
 
     # -- generated answers ------------------------------------------------------------------------------------
     def _generated(
-        self, objective: Objective, index: int, spec: TaskSpec, exs: list[dict], batch_size: int
+        self,
+        objective: Objective,
+        index: int,
+        spec: TaskSpec,
+        exs: list[dict],
+        batch_size: int,
+        d: Dist | None = None,
     ) -> dict:
+        """The task's generated metric. Distributed under DDP: the one-process generation batches are dealt
+        round-robin over the ranks (each batch whole, so its greedy answers are the one-process ones) and every rank
+        gathers all the per-example scores, averaged in the one-process order (the same floats). Under FSDP every
+        rank generates them all: each decoding step is a collective there, and how many a batch takes depends on
+        when its answers end, so the ranks cannot each decode their own batches."""
         pairs = [p for p in (prompt_and_reference(ex, objective.task) for ex in exs) if p is not None]
         if not pairs:
             return {"eval_generated": 0}
         prompts, refs = [p for p, _ in pairs], [r for _, r in pairs]
         max_new = max(len(r) for r in refs) + EXTRA_NEW_TOKENS
+        shard = d if d is not None and d.active and d.kind != "fsdp" else None
+        starts = list(range(0, len(prompts), batch_size))
         was_training = objective.training
-        new: list[list[int]] = []
+        scores: dict[int, tuple[float, ...]] = {}  # example index -> its score(s)
         try:
-            for start in range(0, len(prompts), batch_size):
+            for start in starts[shard.rank :: shard.world] if shard else starts:
                 chunk = prompts[start : start + batch_size]
                 with self.route(index, len(chunk)) if self.route else contextlib.nullcontext():
-                    new += generate_ids(
+                    new = generate_ids(
                         objective.model,
                         self.tokenizer,
                         chunk,
@@ -126,16 +141,23 @@ class TaskEval:
                         batch_size=batch_size,
                         reserved_positions=self.reserved_positions,
                     )
+                for j, ids in enumerate(new):
+                    a, r = self.answer(ids), self.answer(refs[start + j])
+                    if spec.metric == "accuracy":
+                        scores[start + j] = (label_match(a, r),)
+                    else:
+                        scores[start + j] = (exact_match(a, r), token_f1(a, r))
         finally:
             objective.train(was_training)
-        answers = [self.answer(ids) for ids in new]
-        references = [self.answer(ids) for ids in refs]
+        if shard:
+            scores = {i: v for part in gather_objects(scores, shard) for i, v in part.items()}
+        ordered = [scores[i] for i in range(len(pairs))]
         out: dict[str, Any] = {}
         if spec.metric == "accuracy":
-            out["eval_accuracy"] = mean([label_match(a, r) for a, r in zip(answers, references)])
+            out["eval_accuracy"] = mean([s[0] for s in ordered])
         else:
-            out["eval_exact"] = mean([exact_match(a, r) for a, r in zip(answers, references)])
-            out["eval_f1"] = mean([token_f1(a, r) for a, r in zip(answers, references)])
+            out["eval_exact"] = mean([s[0] for s in ordered])
+            out["eval_f1"] = mean([s[1] for s in ordered])
         out["eval_generated"] = len(pairs)
         return out
 

@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from dist_workers import first_step, grad_worker, spawn, train_worker
-from helpers import make_config
+from dist_workers import eval_worker, first_step, grad_worker, spawn, train_worker
+from helpers import alpaca_rows, classification_rows, make_config, write_jsonl
 from safetensors.torch import load_file
 
+from sftlab.config import build_config
 from sftlab.train.checkpoint import list_checkpoints, read_checkpoint
 from sftlab.train.distributed import local_part
 
@@ -79,6 +80,95 @@ def test_local_parts_cover_the_global_batch_in_order():
         parts = [local_part(batch, r, 3) for r in range(3)]
         assert sum(parts, []) == batch
         assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def _tasks_cfg(tmp: Path):
+    """Two tasks, each scored by generated answers (f1; classification as text), 5 and 6 eval examples."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    sst = lambda n, seed: [  # noqa: E731
+        {"sentence": r["text"], "label": int(r["label"] == "pos")} for r in classification_rows(n, seed=seed)
+    ]
+    f = {
+        name: write_jsonl(tmp / f"{name}.jsonl", rows)
+        for name, rows in {
+            "a": alpaca_rows(8),
+            "a_eval": alpaca_rows(5, seed=7),
+            "c": sst(8, 2),
+            "c_eval": sst(6, 4),
+        }.items()
+    }
+    tasks = [
+        {"name": "a", "train": str(f["a"]), "eval": str(f["a_eval"]), "metric": "f1"},
+        {
+            "name": "c",
+            "train": str(f["c"]),
+            "eval": str(f["c_eval"]),
+            "format": "classification",
+            "columns": {"text": "sentence"},
+            "label_names": ["negative", "positive"],
+        },
+    ]
+    return build_config({
+        "model": {"name": "tiny-llama"},
+        "data": {"max_length": 128, "tasks": tasks, "mixing": "equal"},
+        "train": {"output_dir": str(tmp / "run"), "max_steps": 2, "batch_size": 2, "eval_batch_size": 2,
+                  "eval_generate_limit": 6, "progress": False, "threads": 1},
+    })  # fmt: skip
+
+
+# name -> make_config kwargs (21 eval examples in batches of 3: 7 batches, 4 to rank 0 and 3 to rank 1); "tasks": the
+# two-task config above, whose generated answers are dealt out by batch too
+EVAL_CASES = {
+    "full-clm": dict(),
+    "lora-clm": dict(method={"name": "lora"}),
+    "full-cls": dict(task="seq-cls"),
+    "lora-cls": dict(task="seq-cls", method={"name": "lora"}),
+    "fsdp-full-clm": dict(train={"distributed": "fsdp"}),  # rank 1 runs a stand-in 4th forward (collectives)
+    "tasks": None,
+}
+
+
+@pytest.fixture(scope="module")
+def eval_runs(tmp_path_factory):
+    """Every case's eval by the trainer, in 1 process and in 2 (each in spawned workers, one thread each, so a batch's
+    sums are the same floats in both)."""
+    tmp = tmp_path_factory.mktemp("eval")
+    cases = [
+        (
+            name,
+            _tasks_cfg(tmp / name)
+            if kw is None
+            else _cfg(tmp, name, **{**kw, "train": {"eval_batch_size": 3, **kw.get("train", {})}}),
+        )
+        for name, kw in EVAL_CASES.items()
+    ]
+    for world in (1, 2):
+        (tmp / f"w{world}").mkdir()
+        assert spawn(eval_worker, world, cases, str(tmp / f"w{world}")) == [0] * world
+    return tmp
+
+
+@pytest.mark.parametrize("name", list(EVAL_CASES))
+def test_each_rank_evaluates_its_share_and_gets_the_one_process_numbers(eval_runs, name):
+    """2 processes: every rank's eval row (and per-task rows, with generated metrics) equals 1 process's exactly
+    (batches are the one-process ones, dealt out whole; float32 sums added in float64), and each rank ran forwards
+    on its share of the eval examples only."""
+    one = torch.load(eval_runs / "w1" / f"{name}-rank0.pt")
+    two = [torch.load(eval_runs / "w2" / f"{name}-rank{r}.pt") for r in (0, 1)]
+    assert one["overall"]["eval_loss"] > 0
+    for got in two:
+        assert got["overall"] == one["overall"]
+        assert got["tasks"] == one["tasks"]
+    if name == "tasks":
+        assert [t["eval_generated"] for t in one["tasks"]] == [5, 6] and one["generated"] == 11
+        assert 0 < one["tasks"][1]["eval_accuracy"] < 1 and 0 < one["tasks"][0]["eval_f1"] < 1
+        # generated batches of 2: task a 2+1 | 2, task c 2+2 | 2; loss batches the same split
+        assert [g["generated"] for g in two] == [7, 4]
+        assert [g["rows"] for g in two] == [7, 4] and one["rows"] == 11
+    elif name.startswith("fsdp"):
+        assert [g["forwards"] for g in two] == [4, 4] and one["forwards"] == 7
+    else:
+        assert one["rows"] == 21 and [g["rows"] for g in two] == [12, 9]
 
 
 def _run(tmp, world, cfg, resume=False, stop=None):
