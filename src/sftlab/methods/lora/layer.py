@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -305,7 +306,10 @@ class LoraLayer(Switch):
         A = self.lora_A[name].to(dt)  # (r, d_in)
         B = self.lora_B[name].to(dt)  # (d_out, r)
         s = self.scaling[name]
-        with torch.autocast(W.device.type, enabled=False):  # train.precision *-mixed: these stay in dt
+        dev = (
+            W.device.type
+        )  # train.precision *-mixed: these stay in dt (the planner's meta tensors have no autocast)
+        with torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else nullcontext():
             P = self._row_products(W, A, dt)  # (d_out, r)
             sq = self._row_squares(W, dt)  # (d_out,)
             BQ = B @ (A @ A.T)  # (d_out, r)
