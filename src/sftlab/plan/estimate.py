@@ -326,9 +326,14 @@ def step_work(
             work.elementwise_bytes += 4 * tokens * max(0.0, extra)
         else:
             work.block_tokens_forward += tokens
-        if b.dora_width:  # DoRA: every step forms W + BA and its column norms, forward and backward
-            work.add_thin(thin_width(cand, b), 3 * 2 * thin_width(cand, b) * b.matmul / s.batch_size)
-            work.elementwise_bytes += 4 * 3 * b.matmul * by.e / s.batch_size
+        # DoRA's row norms ||W + s·BA||, expanded (lora/layer.py `_weight_norm`): W A^T, a thin product over each
+        # weight, and r x r ones (A A^T, B·(A A^T)); ||W_i||^2 is cached; a half-precision W is cast to fp32 in
+        # chunks first (read, written). Never W + BA itself.
+        if b.dora_width:
+            r = thin_width(cand, b)
+            work.add_thin(r, 3 * 2 * r * (b.matmul + r * b.dora_width) / s.batch_size)
+            if by.e < 4:
+                work.elementwise_bytes += 3 * (by.e + 4) * b.matmul / s.batch_size
     head_w, head_trains = head
     rows = {"causal-lm": length * share, "seq2seq": target}.get(task, 0.0)
     any_grad = any(b.grads for b in blocks)
