@@ -174,14 +174,28 @@ def eval_worker(rank: int, world: int, port: int, cases: list, out: str) -> None
 
 
 def train_worker(rank: int, world: int, port: int, cfg, out: str, resume: bool, stop: dict | None) -> None:
-    """recipe.train on this rank; `stop`: {"step": N, "how": "interrupt" | "sigint" | "die", "rank": R} ends it
-    there (Ctrl-C on every rank before step N + 1's update, a real SIGINT to every rank right after that update, or
-    rank R's process dying with exit code 3). What happened goes to out/result-rankR.json."""
+    """recipe.train on this rank; `stop`: {"step": N, "how": "interrupt" | "sigint" | "sigint-one" | "die",
+    "rank": R} ends it there (Ctrl-C on every rank before step N + 1's update, a real SIGINT to every rank right after
+    that update, a real SIGINT to rank R alone in the middle of step N + 1's forward, or rank R's process dying with
+    exit code 3). What happened goes to out/result-rankR.json."""
     _join(rank, world, port, timeout_s=cfg.train.dist_timeout_s)
     from sftlab.recipe import train
     from sftlab.train.loop import Trainer
 
-    if stop:
+    if stop and stop["how"] == "sigint-one":
+        real_step = Trainer.train_step
+
+        def signalled(self, passes):
+            if self.state.step != stop["step"] or rank != stop["rank"]:
+                return real_step(self, passes)
+            kill = self.objective.register_forward_pre_hook(lambda *_: os.kill(os.getpid(), signal.SIGINT))
+            try:  # after the step's first all-reduce, inside its forward: the other rank is not signalled
+                return real_step(self, passes)
+            finally:
+                kill.remove()
+
+        Trainer.train_step = signalled
+    elif stop:
         real = Trainer._optimizer_step
 
         def stopping(self):

@@ -8,6 +8,13 @@ run, a first Ctrl-C only says so; the loop raises it once the step is complete, 
 follows at a consistent step. A second Ctrl-C stops at once, except between the update and the step count (a few
 milliseconds), where it too waits for the count.
 
+A distributed run cannot stop where one process happens to receive the signal: torchrun passes a Ctrl-C on to its
+processes one after the other, so one may be in step N+1's forward while another finishes step N, and a checkpoint
+(FSDP gathers it collectively) or an eval would then mix steps or wait for dist_timeout_s. There a first Ctrl-C only
+sets `requested`; the next step's first all-reduce (the supervised counts it sums anyway, train/distributed.py)
+carries the flag, and when any process set it every process stops at that same step boundary (`StopAgreed`, a
+KeyboardInterrupt) and the interrupt save follows on all of them. A second Ctrl-C stops that process at once.
+
 The handler is installed once per fit (`installed`); a step only flips flags (`hold`, `settle`, `release`), so the
 hot path costs three attribute writes. Outside a held step the handler passes the signal to the one it replaced
 (Python's default raises KeyboardInterrupt at once, as before). Checkpoint writes defer Ctrl-C on their own
@@ -26,11 +33,13 @@ from contextlib import contextmanager
 class StepInterrupts:
     """Ctrl-C held back over the end of a step (see the module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, distributed: bool = False) -> None:
+        self.distributed = distributed  # a first Ctrl-C only requests a stop the processes agree on
         self._old = None  # the handler replaced while installed (None: not installed)
         self._step: int | None = None  # the step being finished (None: Ctrl-C acts at once)
         self._settled = False  # the step count has advanced: a second Ctrl-C may stop now
         self.pressed = 0
+        self.requested = False  # distributed: Ctrl-C pressed, the stop not yet agreed on
 
     @contextmanager
     def installed(self) -> Iterator[StepInterrupts]:
@@ -47,6 +56,7 @@ class StepInterrupts:
         finally:
             signal.signal(signal.SIGINT, old)
             self._old, self._step, self._settled, self.pressed = None, None, False, 0
+            self.requested = False
 
     def hold(self, step: int) -> None:
         """Step `step`'s update is about to be applied: from here Ctrl-C waits for `release`."""
@@ -55,7 +65,7 @@ class StepInterrupts:
     def settle(self) -> None:
         """The step count has advanced: a second Ctrl-C (or two already pressed) stops now."""
         self._settled = True
-        if self.pressed > 1:
+        if self.pressed > (0 if self.distributed else 1):  # distributed: a press here is already the second
             self._step = None
             raise KeyboardInterrupt
 
@@ -66,11 +76,24 @@ class StepInterrupts:
             self.pressed = 0
             raise KeyboardInterrupt
 
+    def request(self) -> None:
+        """Distributed: stop at the next step boundary the processes agree on (a Ctrl-C while a checkpoint was
+        written, `checkpoint.sigint_deferred`, comes back through here)."""
+        if not self.requested:
+            self.requested = True
+            os.write(
+                2,
+                b"\nstopping: every process finishes its step, then they save the same step and stop; press Ctrl-C "
+                b"again to stop this process at once\n",
+            )
+
     def _handler(self, signum, frame) -> None:
+        if self.distributed and not self.requested:
+            return self.request()
         if self._step is None:
             return self._old(signum, frame)  # not in a held step: as if we were not here
         self.pressed += 1
-        if self.pressed == 1:
+        if self.pressed == 1 and not self.distributed:
             # os.write, not print: a handler may run in the middle of another print to the same stream
             os.write(
                 2,

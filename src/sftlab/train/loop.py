@@ -221,13 +221,22 @@ class Trainer:
         self.saved_step: int | None = None  # the step whose state is on disk (saved or resumed from)
         self.save_abandoned = False  # the last save was cut short by a second Ctrl-C
         self._stale: list[Path] = []  # checkpoints newer than the one resumed from (they failed to verify)
-        self.interrupts = StepInterrupts()  # Ctrl-C held from a step's update to its end (train/interrupt.py)
+        # Ctrl-C held from a step's update to its end; distributed: a stop all ranks agree on (train/interrupt.py)
+        self.interrupts = StepInterrupts(distributed=d.active)
 
     # -- one optimizer step ---------------------------------------------------------------------------
     def train_step(self, passes: list[dict]) -> tuple[float, int, int]:
         """Forward/backward over the passes, normalised by the supervised tokens of all of them."""
         if self.dist.active:  # this rank's share of the global step (train/distributed.py)
-            return distributed_step(self.wrapped, passes, self.task, self.precision, self.device, self.dist)
+            return distributed_step(
+                self.wrapped,
+                passes,
+                self.task,
+                self.precision,
+                self.device,
+                self.dist,
+                self.interrupts.requested,
+            )
         n_total, real = pass_counts(passes, self.task)
         if n_total == 0:
             return 0.0, 0, 0
@@ -329,7 +338,9 @@ class Trainer:
             ) from None
         self.saved_step = step
         if pressed() and not interrupting:
-            raise KeyboardInterrupt
+            if not self.dist.active:
+                raise KeyboardInterrupt
+            self.interrupts.request()  # the ranks stop together at the next step (train/interrupt.py)
         return path
 
     def checkpoint_state(self) -> dict:

@@ -256,6 +256,26 @@ def test_a_real_ctrl_c_after_the_update_saves_that_step_on_every_rank(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_ctrl_c_on_one_rank_stops_every_rank_at_the_same_step(tmp_path, kind):
+    """SIGINT to rank 1 alone, in the middle of step 3's forward (as torchrun passes a Ctrl-C on: one process at a
+    time): rank 1 finishes step 3, says so in step 4's first all-reduce, and both ranks stop there and save step-3
+    once (FSDP2 gathers it on both); resume is bit-identical to the straight run."""
+    codes, res = _run(tmp_path, 2, _train_cfg(tmp_path, "a", distributed=kind))
+    assert codes == [0, 0], res
+    cut = _train_cfg(tmp_path, "s", distributed=kind, dist_timeout_s=30)
+    codes, res = _run(tmp_path, 2, cut, stop={"step": 2, "how": "sigint-one", "rank": 1})
+    assert codes == [0, 0] and res == [{"interrupted": True}] * 2, res
+    run = tmp_path / "s" / "run"
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step-2", "step-3"]
+    assert read_checkpoint(run / "checkpoints" / "step-3").state["step"] == 3
+    assert [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3]
+    codes, res = _run(tmp_path, 2, cut, resume=True)
+    assert codes == [0, 0] and res[0]["summary"]["steps"] == 6, res
+    _assert_same(_final(tmp_path / "a" / "run"), _final(run))
+
+
+@pytest.mark.slow
 def test_other_world_size_resumes_with_a_warning(tmp_path):
     cfg = _train_cfg(tmp_path, "w")
     codes, res = _run(tmp_path, 2, cfg, stop={"step": 2, "how": "interrupt"})
@@ -337,3 +357,24 @@ def test_fsdp2_resumes_bit_identical(tmp_path):
     c = load_file(str(Path(cut.train.output_dir) / "final" / "model.safetensors"))
     for k in b:
         assert torch.equal(c[k], b[k]), k
+
+
+def test_a_distributed_ctrl_c_only_requests_the_stop_and_a_second_one_stops_at_once():
+    """train/interrupt.py in a distributed run: a first real SIGINT, held step or not, raises nothing on this process
+    (the step's all-reduce carries it to every rank); a second one stops this process at once, as in one process."""
+    import os
+    import signal
+
+    from sftlab.train.interrupt import StepInterrupts
+
+    ints = StepInterrupts(distributed=True)
+    with ints.installed():
+        os.kill(os.getpid(), signal.SIGINT)  # between steps: one process would raise here
+        assert ints.requested
+        ints.hold(4)
+        ints.settle()
+        ints.release()  # one process would raise a press held over the step here
+        assert ints.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert not ints.requested  # nothing left behind for the next fit
