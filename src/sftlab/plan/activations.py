@@ -22,7 +22,7 @@ mask element: E on CPU, where dropout keeps a scaled float mask, 1 on CUDA):
     M*f inside the MLP; the decoder adds cross-attention over the source (its k, v and a*S terms scale with the
     source length S per target token).
   Every family: + E*q for the attention output projection's input and E*h (E*f) for the MLP's first (last)
-    projection when those keep their inputs; + E*r per LoRA-adapted linear (x A^T), + 2*E*d_out per DoRA linear;
+    projection when those keep their inputs; + E*r per LoRA-adapted linear (x A^T), + E*d_out per DoRA linear;
     + E*h + E*m (ReLU, 2*E*m otherwise) per bottleneck adapter point.
 
 A block below every trainable parameter keeps nothing (no gradient flows there). With activation checkpointing
@@ -101,7 +101,7 @@ def _mlp_act(shape: Shape, by: Bytes) -> float:
 
 def _method_extras(shape: Shape, b: BlockTraining, by: Bytes) -> float:
     e = by.e
-    extra = e * b.lora_ranks + 2 * e * b.dora_width
+    extra = e * b.lora_ranks + e * b.dora_width  # DoRA keeps scale·(...)'s (tokens x d_out) input
     for m in b.adapters:
         extra += e * shape.hidden + e * m
     return extra

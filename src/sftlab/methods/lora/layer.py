@@ -238,7 +238,25 @@ class LoraLayer(Switch):
         name = self.current()
         if name is None or self.merged is not None:
             return result
+        if name in self.lora_magnitude_vector and not (self.dropout[name] > 0 and self.training):
+            return self._dora_output(x, result, name)
         return result + self._delta(x, result, name)
+
+    def _dora_output(self, x: torch.Tensor, result: torch.Tensor, name: str) -> torch.Tensor:
+        """DoRA's output without dropout, m/||W + s·BA|| * (W x + s·B A x) + b, written so that backward keeps one
+        (tokens x d_out) tensor: `result + _delta(...)` keeps two and makes four such temporaries per layer, which
+        fragmented the retained heap (B1 DoRA peak RSS ~1,950 -> ~1,400 MB, same values: PEFT parity tests)."""
+        A, B, s = self.lora_A[name], self.lora_B[name], self.scaling[name]
+        lora = F.linear(F.linear(x.to(A.dtype), A), B)
+        with torch.no_grad():
+            norm = self._weight_norm(name)
+        scale = self.lora_magnitude_vector[name] / norm
+        bias = self.base_layer.bias
+        base = result if bias is None else result - bias
+        out = scale * torch.add(base.to(lora.dtype), lora, alpha=s)
+        if bias is not None:
+            out = out + bias
+        return out.to(result.dtype)
 
     def _fused_ok(self, x: torch.Tensor) -> bool:
         """The plain-LoRA fast path: a hook-free nn.Linear (or QuantLinear) base, one active adapter, no dropout
