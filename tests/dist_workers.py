@@ -221,3 +221,50 @@ def train_worker(rank: int, world: int, port: int, cfg, out: str, resume: bool, 
     (Path(out) / f"result-rank{rank}.json").write_text(json.dumps(result, default=str))
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def generated_worker(rank: int, world: int, port: int, cfg, out: str, steps: int) -> None:
+    """`steps` training steps (updates included), then real greedy generation: task 0's generated metric straight
+    after the last update (no eval forward before it), then the trainer's whole eval. Both results and every
+    generated answer's ids on this rank go to out/rankR.pt (an error's traceback instead, to out/rankR.txt)."""
+    _join(rank, world, port)
+    import sftlab.train.task_eval as task_eval_mod
+    from sftlab.data.batching import TASK_KEY
+    from sftlab.recipe import prepare, task_evaluation
+    from sftlab.train.loop import Trainer
+
+    real = task_eval_mod.generate_ids
+    answers: list[list[int]] = []
+
+    def recorded(*a, **kw):
+        new = real(*a, **kw)
+        answers.extend(new)
+        return new
+
+    try:
+        torch.manual_seed(cfg.train.seed)
+        model, tok, data, eval_data = prepare(cfg, log=_quiet)
+        t = Trainer(
+            model=model, cfg=cfg.train, task=cfg.model.task, train_examples=data.examples, pad_id=tok.pad_token_id,
+            run_dir=Path(out) / "run", perf=cfg.perf, callbacks=[], log=_quiet,
+            mixture=getattr(data, "mixture", None), eval_examples=(eval_data or data).examples,
+            task_eval=task_evaluation(cfg, tok, model),
+        )  # fmt: skip
+        t.wrapped.train()
+        for _ in range(steps):
+            t.train_step(t.stream.next_step(t.state, cfg.train.grad_accum))
+            t._optimizer_step()
+            t.state.step += 1
+        task_eval_mod.generate_ids = recorded
+        te, size = t.task_eval, cfg.train.eval_batch_size
+        first = te._generated(
+            t.objective, 0, te.tasks[0], [e for e in t.eval_examples if e[TASK_KEY] == 0], size, t.dist
+        )
+        overall, per_task = t.evaluate()
+        res = {"first": first, "overall": overall, "tasks": per_task, "answers": answers}
+        torch.save(res, Path(out) / f"rank{rank}.pt")
+    except Exception:  # noqa: BLE001 - the test reads what was raised
+        (Path(out) / f"rank{rank}.txt").write_text(traceback.format_exc())
+    finally:
+        task_eval_mod.generate_ids = real
+        dist.destroy_process_group()

@@ -98,10 +98,12 @@ def generate_ids(
     batch_size: int = 8,
     top_p: float = 1.0,
     reserved_positions: int = 0,
+    synced: bool = False,
 ) -> list[list[int]]:
     """The new token ids after each prompt (ids, already encoded), `batch_size` prompts at a time: what `generate`
     decodes, and what per-task evaluation scores (it cuts answers at their terminators itself). Leaves the model
-    in eval mode."""
+    in eval mode. `synced`: every process of a sharded (FSDP2) model generates together, each one decoding until all
+    are done, since every step's forward is a collective."""
     model.eval()
     is_seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -120,6 +122,8 @@ def generate_ids(
             input_ids, mask = input_ids.to(device), mask.to(device)
             new_tokens = fit_new_tokens(model, width, max_new_tokens, reserved_positions, warn=start == 0)
             kwargs = {"do_sample": temperature > 0, "max_new_tokens": new_tokens, "pad_token_id": pad_id}
+            if synced:
+                kwargs["synced_gpus"] = True
             if temperature > 0:
                 kwargs["temperature"] = temperature
                 if top_p < 1:

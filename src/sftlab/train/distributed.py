@@ -331,6 +331,24 @@ def _fsdp_no_sync(module: nn.Module) -> Iterator[None]:
         module.set_requires_gradient_sync(True)
 
 
+@contextlib.contextmanager
+def gathered(module: nn.Module) -> Iterator[None]:
+    """An FSDP2 unit's own parameters whole while code that bypasses its forward runs: generation calls
+    objective.model, so the root's pre-forward never gathers the embeddings, norm and head, which would otherwise
+    be whole only if an earlier root forward happened to leave them so. An all-gather: every rank enters together.
+    Not recursive (the blocks gather themselves in their own forwards). Anything else than an FSDP2 unit: nothing."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(module, FSDPModule):
+        yield
+        return
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()  # local: frees the gathered copies, as after a training step's backward
+
+
 # -- full tensors of sharded parameters (FSDP2 checkpoints and final/) -----------------------------------------
 
 

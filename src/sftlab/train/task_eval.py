@@ -29,7 +29,7 @@ from ..data.batching import IGNORE
 from ..data.tasks import TASK_KEY, TEXT_TASKS
 from ..generate import Answers, generate_ids
 from ..scores import exact_match, label_match, mean, token_f1
-from .distributed import Dist, gather_objects
+from .distributed import Dist, gather_objects, gathered
 from .eval_loss import eval_loss
 from .objective import Objective
 
@@ -125,28 +125,34 @@ class TaskEval:
             return {"eval_generated": 0}
         prompts, refs = [p for p, _ in pairs], [r for _, r in pairs]
         max_new = max(len(r) for r in refs) + EXTRA_NEW_TOKENS
-        shard = d if d is not None and d.active and d.kind != "fsdp" else None
+        fsdp = d is not None and d.active and d.kind == "fsdp"
+        shard = d if d is not None and d.active and not fsdp else None
         starts = list(range(0, len(prompts), batch_size))
         was_training = objective.training
         scores: dict[int, tuple[float, ...]] = {}  # example index -> its score(s)
+        # FSDP: generation runs objective.model, not the root's forward, so the root's own parameters (embeddings,
+        # norm, head) are gathered around it, and every rank decodes until all are done (steps are collectives)
+        synced = {"synced": True} if fsdp else {}
         try:
-            for start in starts[shard.rank :: shard.world] if shard else starts:
-                chunk = prompts[start : start + batch_size]
-                with self.route(index, len(chunk)) if self.route else contextlib.nullcontext():
-                    new = generate_ids(
-                        objective.model,
-                        self.tokenizer,
-                        chunk,
-                        max_new_tokens=max_new,
-                        batch_size=batch_size,
-                        reserved_positions=self.reserved_positions,
-                    )
-                for j, ids in enumerate(new):
-                    a, r = self.answer(ids), self.answer(refs[start + j])
-                    if spec.metric == "accuracy":
-                        scores[start + j] = (label_match(a, r),)
-                    else:
-                        scores[start + j] = (exact_match(a, r), token_f1(a, r))
+            with gathered(objective) if fsdp else contextlib.nullcontext():
+                for start in starts[shard.rank :: shard.world] if shard else starts:
+                    chunk = prompts[start : start + batch_size]
+                    with self.route(index, len(chunk)) if self.route else contextlib.nullcontext():
+                        new = generate_ids(
+                            objective.model,
+                            self.tokenizer,
+                            chunk,
+                            max_new_tokens=max_new,
+                            batch_size=batch_size,
+                            reserved_positions=self.reserved_positions,
+                            **synced,
+                        )
+                    for j, ids in enumerate(new):
+                        a, r = self.answer(ids), self.answer(refs[start + j])
+                        if spec.metric == "accuracy":
+                            scores[start + j] = (label_match(a, r),)
+                        else:
+                            scores[start + j] = (exact_match(a, r), token_f1(a, r))
         finally:
             objective.train(was_training)
         if shard:
