@@ -1,6 +1,7 @@
 """The numbers of one candidate: parameters, peak memory by part, FLOPs per token, time, storage, inference cost.
 
 Parameters are counted on the meta model after the method's own apply() (plan/model.py), so they are exact.
+How the memory parts make a peak, and the fitted CPU allocator terms, are plan/memory.py's.
 Memory, for the largest pass of a step as sftlab batches it (`micro_batch_tokens` cuts a batch into passes):
 
   weights     every parameter (base + the method's) x its bytes (the model dtype; the methods' own parameters
@@ -44,34 +45,14 @@ from ..config import PerfConfig, RunConfig
 from ..methods import get_method
 from ..methods._targets import count_parameters
 from ..models import DTYPES
-from ..quant import quantizable
 from .activations import Bytes, Pass, block_bytes_per_token, pass_activation_bytes
 from .candidates import Candidate
 from .device import Device, Throughput
+from .memory import RUNTIME, Memory, allocator_share, autocast_copies, parameter_bytes, quantized_weights
 from .model import ModelSource, Shape, meta_model, shape_of, with_method
 from .structure import BlockTraining, head_matmul, outside_matmul, read_blocks
 from .timing import Rates, Work, step_seconds
 from .workload import Workload
-
-# Resident memory beyond the live tensors, as a share of the activations: a step frees and re-allocates its
-# activations and backward temporaries in sizes that do not refill the same holes, so the heap grows past its live
-# peak. Fitted with RUNTIME on glibc, on two models' measured peaks (`sftlab plan --measure`, batch 8 x 128 tokens,
-# every method): the 21M-parameter Llama of examples/plan/llama-21m (4 blocks) and SmolLM2-135M (30 blocks). A share
-# alone does not fit both (0.4-1.3 on the first, 0.12-0.46 on the second: the heap's growth is partly a fixed cost);
-# share + constant does: 0.26 and 70 MB put all 21 rows within 11%. The CUDA caching allocator is not measured
-# here (0: its reserve is not modelled).
-ALLOCATOR_SHARE = {"cpu": 0.26, "cuda": 0.0}
-# ... and more when a step takes several passes (`micro_batch_tokens` cuts the batch): each pass frees its activations
-# and the next builds its own while the earlier passes' gradients are live, and the heap grows further. Fitted on the
-# 21M model at two passes a step (256-token examples, every method): +0.1 to +0.4 x activations past the one-pass
-# share, median +0.2 (DoRA +0.4, the most).
-ALLOCATOR_SHARE_ACCUMULATING = {"cpu": 0.2, "cuda": 0.0}
-# Resident memory of a training process beyond the model and the pass: the modeling code and kernels loaded when the
-# model is built, collated batches, the packing probe, RoPE tables, optimizer bookkeeping. CPU: fitted with
-# ALLOCATOR_SHARE above (70 MB; malloc's in-use peak minus the parts was ~20 MB on the 21M model, the rest is code
-# and library state that comes in with the model). CUDA: the context and cuBLAS workspaces take about 0.5 GB of
-# device memory (assumed).
-RUNTIME = {"cpu": 70e6, "cuda": 0.5e9}
 
 
 @dataclass(frozen=True)
@@ -89,53 +70,6 @@ class Settings:
     @property
     def mixed(self) -> bool:
         return self.precision.endswith("-mixed")
-
-
-@dataclass
-class Memory:
-    """Bytes by part, and the peak they make (see the module docstring)."""
-
-    weights: float
-    gradients: float
-    optimizer: float
-    activations: float
-    activations_ckpt: float
-    workspace: float
-    head_gradient: float = 0.0  # the fused LM head's fp32 weight gradient, built during the forward pass
-    accumulates: bool = False  # several passes per step: the gradients of the earlier ones stay live
-    allocator_share: float = 0.0  # heap growth beyond live tensors, as a share of the activations
-    runtime: float = 0.0  # the training process's own state (RUNTIME)
-    casts: float = 0.0  # autocast's half-precision weight copies kept for backward (mixed precision)
-    shards: int = 1  # FSDP: devices the weights, gradients and optimizer state are sharded over
-    unit: float = 0.0  # FSDP: the largest block's weights, gathered whole while it runs
-    replicated: float = (
-        0.0  # FSDP: weights it does not shard (a quantised base's codes are buffers, not parameters)
-    )
-
-    def _peak(self, act: float, shards: int = 1) -> float:
-        gathered = 2 * self.unit if shards > 1 else 0.0  # this block's and the prefetched next one's
-        during_forward = act + self.workspace + self.head_gradient + self.casts / shards + gathered
-        grads = self.gradients / shards
-        live = grads + during_forward if self.accumulates else max(during_forward, grads)
-        states = (self.weights - self.replicated + self.optimizer) / shards + self.replicated
-        return states + live + self.allocator_share * act + self.runtime
-
-    @property
-    def peak(self) -> float:
-        return self._peak(self.activations)
-
-    @property
-    def peak_ckpt(self) -> float:
-        return self._peak(self.activations_ckpt)
-
-    @property
-    def peak_sharded(self) -> float | None:
-        """Per device under FSDP over `shards` devices (None on one device)."""
-        return self._peak(self.activations, self.shards) if self.shards > 1 else None
-
-    @property
-    def peak_sharded_ckpt(self) -> float | None:
-        return self._peak(self.activations_ckpt, self.shards) if self.shards > 1 else None
 
 
 @dataclass
@@ -403,10 +337,11 @@ def estimate(
         rows = min(s.loss_chunk_size, max(1, round(p.tokens * p.supervised_share)))
         workspace += rows * shape.vocab * 4
     workspace += 2 * p.tokens * shape.ffn * e
-    quantized_weights = _quantized_saving(source, dtype, cand, e)
-    weight_bytes, trainable_bytes = _parameter_bytes(model)
+    n_quant, quant_bytes = quantized_weights(source, dtype, cand)
+    quantized_saving = n_quant * (e - quant_bytes)
+    weight_bytes, trainable_bytes = parameter_bytes(model)
     est.memory = Memory(
-        weight_bytes - quantized_weights,
+        weight_bytes - quantized_saving,
         trainable_bytes,
         2 * trainable_bytes,
         act,
@@ -414,13 +349,12 @@ def estimate(
         workspace,
         head_gradient=head[0] * 4 if head[1] and source.task == "causal-lm" else 0.0,
         accumulates=passes_per_step(w, s) > 1,
-        allocator_share=ALLOCATOR_SHARE.get(device.kind, 0.0)
-        + (ALLOCATOR_SHARE_ACCUMULATING.get(device.kind, 0.0) if passes_per_step(w, s) > 1 else 0.0),
+        allocator_share=allocator_share(device.kind, passes_per_step(w, s) > 1),
         runtime=RUNTIME.get(device.kind, 0.0),
-        casts=_autocast_copies(blocks, head, s, e, source.task, bool(quantized_weights)),
+        casts=autocast_copies(blocks, s.mixed, e, bool(n_quant)),
         shards=s.processes,
         unit=max((b.matmul for b in blocks), default=0) * e,
-        replicated=_quantized_bytes(source, dtype, cand),
+        replicated=n_quant * quant_bytes,
     )
     per_example = w.mean_tokens + w.target_mean
     fwd, train = example_flops(
@@ -449,7 +383,7 @@ def estimate(
     if s.processes > 1:
         est.fits_sharded = est.memory.peak_sharded <= device.memory
         est.fits_sharded_ckpt = est.memory.peak_sharded_ckpt <= device.memory
-    if quantized_weights:
+    if n_quant:
         est.notes.append(
             "NF4 base: weights counted at 4.13 bits; time leaves out decoding each weight per GEMM (measured ~15% "
             "of a LoRA step on CPU)"
@@ -457,55 +391,6 @@ def estimate(
     if not shape.known:
         est.notes.append(f"model_type {shape.model_type!r} is sized as Llama-like (approximate)")
     return est
-
-
-def _parameter_bytes(model: torch.nn.Module) -> tuple[int, int]:
-    """(bytes of every parameter, bytes of the trainable ones), each at its own dtype."""
-    every = trainable = 0
-    for p in model.parameters():
-        n = p.numel() * p.element_size()
-        every += n
-        trainable += n if p.requires_grad else 0
-    return every, trainable
-
-
-def _autocast_copies(
-    blocks: list[BlockTraining], head: tuple[int, bool], s: Settings, e: int, task: str, quantized: bool
-) -> float:
-    """Bytes of autocast's half-precision weight copies live at the end of the forward: every base matmul weight
-    whose input a gradient reaches (backward needs the weight for that input's gradient) and every trainable
-    matmul weight (autocast caches its casts of trainable leaves), the method's own included. The LM head is
-    not among them: sftlab's fused head casts it chunk by chunk and keeps none. None when the weights are already
-    in half precision (nothing to cast), or decoded per use from a quantised base."""
-    if not s.mixed or e <= 2:
-        return 0.0
-    base = 0 if quantized else sum(b.matmul_past_entry for b in blocks)
-    return 2.0 * (base + sum(b.added for b in blocks))
-
-
-# Bytes a weight takes in a quantised base: NF4 codes + int8 block scales (+ fp32 factor per 256 scales) | int8 + a
-# per-row scale (ignored). See quant/codecs.py.
-QUANT_BYTES = {"nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0}
-
-
-def _quantized_bytes(source: ModelSource, dtype: torch.dtype, cand: Candidate) -> float:
-    """Bytes of a quantised base's codes and scales (0 for other candidates)."""
-    kind = cand.extra.get("quantize")
-    if not kind:
-        return 0.0
-    base = meta_model(source, dtype)
-    return sum(base.get_submodule(p).weight.numel() for p in quantizable(base)) * QUANT_BYTES[kind]
-
-
-def _quantized_saving(source: ModelSource, dtype: torch.dtype, cand: Candidate, e: int) -> float:
-    """Bytes a quantised base (cand.extra["quantize"]) saves on its linear weights (the layers sftlab quantises:
-    every linear but the heads); 0 for other candidates."""
-    kind = cand.extra.get("quantize")
-    if not kind:
-        return 0.0
-    base = meta_model(source, dtype)
-    n = sum(base.get_submodule(p).weight.numel() for p in quantizable(base))
-    return n * (e - QUANT_BYTES[kind])
 
 
 def run_config(source: ModelSource, cand: Candidate, s: Settings, data: dict, output_dir: str) -> RunConfig:

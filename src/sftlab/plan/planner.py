@@ -100,7 +100,7 @@ def workload_of(inp: PlanInputs, source: ModelSource) -> Workload:
 
 
 def situation_of(
-    estimates: list[Estimate], w: Workload, inp: PlanInputs, base_params: int, epochs: float
+    estimates: list[Estimate], w: Workload, inp: PlanInputs, base_params: int, epochs: float, devices: int = 1
 ) -> Situation:
     ok = [e for e in estimates if e.candidate.available]
     within = {}
@@ -112,7 +112,7 @@ def situation_of(
         fits={e.key: bool(e.fits) for e in ok},
         fits_ckpt={e.key: bool(e.fits_ckpt) for e in ok},
         fits_sharded={e.key: bool(e.fits_sharded or e.fits_sharded_ckpt) for e in ok},
-        devices=inp_devices(estimates),
+        devices=devices,
         within_time=within,
         storage={e.key: e.storage_bytes for e in ok},
         params=base_params,
@@ -122,10 +122,6 @@ def situation_of(
         needs=frozenset(inp.needs),
         data_format=inp.format,
     )
-
-
-def inp_devices(estimates: list[Estimate]) -> int:
-    return next((e.memory.shards for e in estimates if e.memory is not None), 1)
 
 
 def make_plan(inp: PlanInputs, log=print) -> Plan:
@@ -161,7 +157,7 @@ def make_plan(inp: PlanInputs, log=print) -> Plan:
                   "on an avx512_bf16 CPU)") if settings.mixed else ""  # fmt: skip
         tput = devices.Throughput(tput.flops, f"{tput.described}; time model {rates.describe()}{approx}")
     ests = [estimate(source, c, w, settings, dev, tput, base_total, rates) for c in cands]
-    sit = situation_of(ests, w, inp, base_total, inp.epochs)
+    sit = situation_of(ests, w, inp, base_total, inp.epochs, settings.processes)
     return Plan(inp, source, w, dev, settings, tput, ests, sit, decide(sit), threads=threads, rates=rates)
 
 

@@ -15,14 +15,13 @@ from sftlab.config import PerfConfig
 from sftlab.data.batching import collate, collate_packed
 from sftlab.plan import PlanInputs, make_plan, write_config
 from sftlab.plan.activations import Bytes, Pass, pass_activation_bytes
-from sftlab.plan.estimate import Settings, _autocast_copies
+from sftlab.plan.memory import autocast_copies
 from sftlab.plan.model import resolve, shape_of
-from sftlab.plan.structure import head_matmul, read_blocks
+from sftlab.plan.structure import read_blocks
 from sftlab.train import patches
 from sftlab.train.objective import Objective
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples" / "plan"
-MIXED = Settings(precision="bf16-mixed")
 
 
 def _saved_under_autocast(model, task, batch) -> tuple[int, int]:
@@ -69,7 +68,7 @@ def test_autocast_copies_equal_the_half_precision_weights_autograd_keeps(key):
     batch, _ = _batch("causal-lm", cand)
     _, copies = _saved_under_autocast(model, "causal-lm", batch)
     blocks = read_blocks(model, "llama")
-    est = _autocast_copies(blocks, head_matmul(model, "causal-lm"), MIXED, 4, "causal-lm", False)
+    est = autocast_copies(blocks, True, 4, False)
     # LoRA/adapters: the plan also counts autocast's cached bf16 copies of the method's first matrices (block 0's
     # q/k/v A, the first adapter's down), live until the forward ends but not saved (their input needs no
     # gradient): 3% of the copies on this tiny model, negligible at scale
@@ -89,7 +88,7 @@ def test_mixed_precision_activations_are_an_upper_bound(name, task):
         got, _ = _saved_under_autocast(model, task, batch)
         blocks = read_blocks(model, shape.family)
         est = pass_activation_bytes(shape, blocks, p, Bytes(4, 4, True), task)
-        est += _autocast_copies(blocks, head_matmul(model, task), MIXED, 4, task, False)
+        est += autocast_copies(blocks, True, 4, False)
         ratios[cand.key] = est / got
     assert all(0.97 <= r <= 1.8 for r in ratios.values()), {k: f"{r:.2f}" for k, r in ratios.items()}
 
