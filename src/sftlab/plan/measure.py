@@ -93,6 +93,7 @@ def worker(spec: dict) -> dict:
     from ..quant import is_quantized_layer
     from ..train import patches
     from ..train.loop import Trainer
+    from ..train.memory import trim_heap
 
     torch.set_num_threads(spec["threads"])
     cfg = build_config(spec["config"], "plan --measure")
@@ -113,7 +114,7 @@ def worker(spec: dict) -> dict:
         model = random_model(spec["config_path"], cfg, labels)
     recipe.apply_method(model, cfg, tokenizer)
     before_rates = _probe(spec)
-    _trim_heap()  # what building the model freed (a quantised base's fp32 weights) is not training's memory
+    trim_heap()  # what building the model freed (a quantised base's fp32 weights) is not training's memory
     reset = _reset_peak()
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(
@@ -161,17 +162,6 @@ def _mean_rates(a: dict | None, b: dict | None) -> dict | None:
     out = {k: (a[k] * b[k]) ** 0.5 for k in a if k != "thin"}
     out["thin"] = {w: (a["thin"][w] * b["thin"][w]) ** 0.5 for w in a["thin"]}
     return out
-
-
-def _trim_heap() -> None:
-    """Give freed heap pages back to the OS (glibc malloc_trim), so the RSS before the steps is what is live."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def random_model(config_path: str, cfg, labels):

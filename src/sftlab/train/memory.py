@@ -47,6 +47,12 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
+def trim_heap() -> bool:
+    """Hand freed heap pages back to the OS now (glibc malloc_trim); False where there is no glibc."""
+    libc = _libc()
+    return libc is not None and libc.malloc_trim(0) in (0, 1)
+
+
 def set_malloc_mmap_threshold(nbytes: int = DEFAULT_MMAP_THRESHOLD) -> bool:
     """Blocks of >= nbytes get their own mmap (returned to the OS on free); True when glibc accepted it."""
     libc = _libc()
